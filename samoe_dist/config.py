@@ -1,0 +1,285 @@
+"""Run configuration: one dataclass per concern, each field documented and validated.
+
+Every field maps to the Megatron-spelled flag of the same name (``num_layers`` -> ``--num-layers``);
+SaMoE's own fields share the ``samoe_`` prefix. Configs hold numbers and names only, never process
+groups or devices. Validation that needs the world size (:func:`validate_layout`) runs before any
+process group is created, so an impossible layout fails with one message and no stack of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A bad flag value or an impossible combination; the message names the field and the fix."""
+
+
+def doc(text: str, **kwargs):
+    """A dataclass field with its help text (the field's docstring, shown by ``--help``)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value is not None and value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT model (megatron-core GPTModel with the local layer spec)."""
+
+    num_layers: int = doc("Number of transformer layers.", default=4)
+    hidden_size: int = doc("Transformer hidden size h.", default=128)
+    num_attention_heads: int = doc("Attention heads; must divide --hidden-size.", default=4)
+    ffn_hidden_size: Optional[int] = doc("FFN hidden size f of dense layers and experts (default 4*h).", default=None)
+    seq_length: int = doc("Tokens per training sample.", default=128)
+    max_position_embeddings: Optional[int] = doc("Longest sequence the position embedding supports (default --seq-length).", default=None)
+    vocab_size: Optional[int] = doc("Vocabulary size; must equal the tokenizer's (default: read from --tokenizer-model).", default=None)
+    position_embedding_type: str = doc("'rope' or 'learned_absolute'.", default="rope")
+    normalization: str = doc("'LayerNorm' or 'RMSNorm'.", default="LayerNorm")
+    swiglu: bool = doc("Use a SwiGLU (gated) FFN in dense layers and experts.", default=False)
+    attention_dropout: float = doc("Dropout on attention probabilities.", default=0.0)
+    hidden_dropout: float = doc("Dropout on residual branches.", default=0.0)
+    init_method_std: float = doc("Std of the normal weight initialisation.", default=0.02)
+    untie_embeddings_and_output_weights: bool = doc("Separate output layer instead of reusing the input embedding.", default=False)
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_layers", "hidden_size", "num_attention_heads", "seq_length")
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        _positive(self, "ffn_hidden_size", "max_position_embeddings")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                 f"{self.num_attention_heads}")
+        _require(self.seq_length <= self.max_position_embeddings,
+                 f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
+                 f"{self.max_position_embeddings}")
+        _require(self.position_embedding_type in ("rope", "learned_absolute"),
+                 f"--position-embedding-type must be 'rope' or 'learned_absolute', got "
+                 f"{self.position_embedding_type!r}")
+        _require(self.normalization in ("LayerNorm", "RMSNorm"),
+                 f"--normalization must be 'LayerNorm' or 'RMSNorm', got {self.normalization!r}")
+        if self.vocab_size is not None:
+            _positive(self, "vocab_size")
+        for name in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts layers. Dense when --num-experts is not given."""
+
+    num_experts: Optional[int] = doc("Experts per MoE layer N (standard MoE; with --samoe-pool-size, SaMoE).", default=None)
+    moe_router_topk: int = doc("Experts each token is routed to (k).", default=2)
+    moe_aux_loss_coeff: float = doc("Switch load-balancing loss coefficient.", default=0.01)
+    moe_z_loss_coeff: Optional[float] = doc("Router z-loss coefficient (off when not given).", default=None)
+    moe_expert_capacity_factor: Optional[float] = doc("Capacity factor; tokens over capacity are dropped (dropless when not given).", default=None)
+    moe_layer_freq: int = doc("Every k-th transformer layer is an MoE layer (1: all).", default=1)
+    moe_ffn_hidden_size: Optional[int] = doc("Expert FFN size (default --ffn-hidden-size).", default=None)
+    moe_token_dispatcher_type: str = doc("megatron-core token dispatcher: 'alltoall' or 'allgather'.", default="alltoall")
+    moe_router_pre_softmax: bool = doc("Softmax over all experts before top-k (Switch/GShard); otherwise over the top-k logits.", default=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts is not None
+
+    def __post_init__(self) -> None:
+        if self.num_experts is None:
+            return
+        _positive(self, "num_experts", "moe_router_topk", "moe_layer_freq")
+        _require(self.moe_router_topk <= self.num_experts,
+                 f"--moe-router-topk {self.moe_router_topk} exceeds --num-experts {self.num_experts}")
+        _require(self.moe_aux_loss_coeff >= 0, f"--moe-aux-loss-coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+        if self.moe_z_loss_coeff is not None:
+            _require(self.moe_z_loss_coeff >= 0, f"--moe-z-loss-coeff must be >= 0, got {self.moe_z_loss_coeff}")
+        if self.moe_expert_capacity_factor is not None:
+            _require(self.moe_expert_capacity_factor > 0,
+                     f"--moe-expert-capacity-factor must be > 0, got {self.moe_expert_capacity_factor}")
+        _require(self.moe_token_dispatcher_type in ("alltoall", "allgather"),
+                 f"--moe-token-dispatcher-type must be 'alltoall' or 'allgather', got "
+                 f"{self.moe_token_dispatcher_type!r}")
+
+
+@dataclass
+class SaMoEConfig:
+    """The shared expert pool: each MoE layer's experts are a learned soft combination of it."""
+
+    samoe_pool_size: Optional[int] = doc("Pool size P; turns the MoE layers into SaMoE layers (needs --num-experts).", default=None)
+    samoe_temperature: float = doc("Temperature tau of A_l = softmax(C_l / tau).", default=1.0)
+    samoe_top_m: int = doc("Keep the top-m entries of each combination row and renormalise (0: dense, all P).", default=0)
+    samoe_init: str = doc("Initialisation of C_l: 'peaked' (distinct pool expert per layer expert), 'uniform' or 'random'.", default="peaked")
+    samoe_init_peak: float = doc("Logit offset beta of the peaked initialisation.", default=4.0)
+    samoe_init_noise: float = doc("Std of the noise added to C_l at initialisation.", default=0.01)
+
+    @property
+    def enabled(self) -> bool:
+        return self.samoe_pool_size is not None
+
+    def __post_init__(self) -> None:
+        _require(self.samoe_temperature > 0, f"--samoe-temperature must be > 0, got {self.samoe_temperature}")
+        _require(self.samoe_init in ("peaked", "uniform", "random"),
+                 f"--samoe-init must be 'peaked', 'uniform' or 'random', got {self.samoe_init!r}")
+        _require(self.samoe_top_m >= 0, f"--samoe-top-m must be >= 0, got {self.samoe_top_m}")
+        _require(self.samoe_init_noise >= 0, f"--samoe-init-noise must be >= 0, got {self.samoe_init_noise}")
+        if self.samoe_pool_size is not None:
+            _positive(self, "samoe_pool_size")
+            _require(self.samoe_top_m <= self.samoe_pool_size,
+                     f"--samoe-top-m {self.samoe_top_m} exceeds --samoe-pool-size {self.samoe_pool_size}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split: world = data-parallel x expert-parallel (TP = PP = 1)."""
+
+    expert_model_parallel_size: int = doc("Expert-parallel size EP: each EP group holds all N experts of a layer.", default=1)
+
+    def __post_init__(self) -> None:
+        _positive(self, "expert_model_parallel_size")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, schedule, logging and checkpointing."""
+
+    micro_batch_size: int = doc("Samples per rank per forward/backward.", default=4)
+    global_batch_size: Optional[int] = doc("Samples per optimizer step over all ranks (default micro x data-parallel size).", default=None)
+    train_iters: int = doc("Optimizer steps to train.", default=100)
+    lr: float = doc("Peak learning rate.", default=1e-3)
+    min_lr: float = doc("Learning rate at the end of the decay.", default=1e-4)
+    lr_decay_style: str = doc("'cosine', 'linear' or 'constant' after warmup.", default="cosine")
+    lr_warmup_iters: int = doc("Linear warmup steps from 0 to --lr.", default=10)
+    lr_decay_iters: Optional[int] = doc("Steps over which the lr decays (default --train-iters).", default=None)
+    weight_decay: float = doc("AdamW weight decay (not applied to biases and norms).", default=0.1)
+    adam_beta1: float = doc("AdamW beta1.", default=0.9)
+    adam_beta2: float = doc("AdamW beta2.", default=0.95)
+    adam_eps: float = doc("AdamW epsilon.", default=1e-8)
+    clip_grad: float = doc("Gradient clipping by global norm (0: off).", default=1.0)
+    bf16: bool = doc("Train in bf16 (DeepSpeed bf16 with fp32 master weights).", default=False)
+    seed: int = doc("Random seed of initialisation, data order and dropout.", default=1234)
+    log_interval: int = doc("Steps between iteration log lines.", default=10)
+    eval_interval: int = doc("Steps between validation runs (0: only at the end).", default=50)
+    eval_iters: int = doc("Global batches of validation data per evaluation.", default=10)
+    save: Optional[str] = doc("Directory to save checkpoints to.", default=None)
+    load: Optional[str] = doc("Directory to load a checkpoint from.", default=None)
+    save_interval: Optional[int] = doc("Steps between checkpoints (default: only at the end when --save is set).", default=None)
+    tensorboard_dir: Optional[str] = doc("Write TensorBoard events here.", default=None)
+    metrics_file: Optional[str] = doc("Write JSON-lines metrics here (rank 0).", default=None)
+
+    def __post_init__(self) -> None:
+        _positive(self, "micro_batch_size", "train_iters", "lr", "log_interval", "eval_iters")
+        if self.global_batch_size is not None:
+            _positive(self, "global_batch_size")
+        _require(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
+        _require(self.lr_decay_style in ("cosine", "linear", "constant"),
+                 f"--lr-decay-style must be 'cosine', 'linear' or 'constant', got {self.lr_decay_style!r}")
+        _require(0 <= self.lr_warmup_iters <= self.train_iters,
+                 f"--lr-warmup-iters {self.lr_warmup_iters} must be in [0, --train-iters {self.train_iters}]")
+        if self.lr_decay_iters is None:
+            self.lr_decay_iters = self.train_iters
+        _require(self.lr_decay_iters > self.lr_warmup_iters or self.lr_decay_style == "constant",
+                 f"--lr-decay-iters {self.lr_decay_iters} must exceed --lr-warmup-iters {self.lr_warmup_iters}")
+        _require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _require(self.clip_grad >= 0, f"--clip-grad must be >= 0, got {self.clip_grad}")
+        _require(self.eval_interval >= 0, f"--eval-interval must be >= 0, got {self.eval_interval}")
+        if self.save_interval is not None:
+            _positive(self, "save_interval")
+
+
+@dataclass
+class DataConfig:
+    """Training data and tokenizer."""
+
+    data_path: Optional[list] = doc("Tokenized corpus (a .jsonl to tokenize, or a prepared token file).", default=None)
+    split: str = doc("Train/valid/test proportions, Megatron style ('969,30,1').", default="969,30,1")
+    tokenizer_model: Optional[str] = doc("SentencePiece model file (tools/train_tokenizer.py makes one).", default=None)
+    data_cache_path: Optional[str] = doc("Where tokenized caches go (default: next to the data).", default=None)
+
+    def __post_init__(self) -> None:
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"--split must be comma-separated numbers like '969,30,1', got {self.split!r}") from None
+        _require(len(weights) <= 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
+                 f"--split must be up to 3 non-negative numbers with a positive sum, got {self.split!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, grouped by concern."""
+
+    model: ModelConfig
+    moe: MoEConfig
+    samoe: SaMoEConfig
+    parallel: ParallelConfig
+    training: TrainingConfig
+    data: DataConfig
+
+    def __post_init__(self) -> None:
+        if self.samoe.enabled:
+            _require(self.moe.enabled, "--samoe-pool-size needs --num-experts (the experts per SaMoE layer)")
+        if self.moe.enabled:
+            _require(self.moe.moe_layer_freq <= self.model.num_layers,
+                     f"--moe-layer-freq {self.moe.moe_layer_freq} exceeds --num-layers "
+                     f"{self.model.num_layers}: no layer would be an MoE layer")
+            if self.moe.moe_ffn_hidden_size is None:
+                self.moe.moe_ffn_hidden_size = self.model.ffn_hidden_size
+        else:
+            _require(self.parallel.expert_model_parallel_size == 1,
+                     "--expert-model-parallel-size > 1 needs --num-experts (a dense model has no experts to shard)")
+
+    @property
+    def kind(self) -> str:
+        """'dense', 'moe' (standard MoE) or 'samoe'."""
+        if self.samoe.enabled:
+            return "samoe"
+        return "moe" if self.moe.enabled else "dense"
+
+    def moe_layer_indices(self) -> list[int]:
+        """0-based indices of the MoE layers (every --moe-layer-freq-th layer, starting at 0)."""
+        if not self.moe.enabled:
+            return []
+        return [i for i in range(self.model.num_layers) if i % self.moe.moe_layer_freq == 0]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate_layout(cfg: RunConfig, world_size: int) -> int:
+    """Check the parallel layout against the world size; returns the data-parallel size.
+
+    Runs before any process group exists, from the launcher's WORLD_SIZE.
+    """
+    ep = cfg.parallel.expert_model_parallel_size
+    _require(world_size % ep == 0,
+             f"--expert-model-parallel-size {ep} does not divide the world size {world_size} "
+             f"(processes launched); use a divisor of {world_size}")
+    if cfg.moe.enabled:
+        _require(cfg.moe.num_experts % ep == 0,
+                 f"--num-experts {cfg.moe.num_experts} is not divisible by --expert-model-parallel-size {ep}")
+    dp = world_size  # every rank is a data-parallel replica of the dense part (TP = PP = 1)
+    tr = cfg.training
+    if tr.global_batch_size is None:
+        tr.global_batch_size = tr.micro_batch_size * dp
+    per_step = tr.micro_batch_size * dp
+    _require(tr.global_batch_size % per_step == 0,
+             f"--global-batch-size {tr.global_batch_size} is not divisible by --micro-batch-size "
+             f"{tr.micro_batch_size} x data-parallel size {dp} = {per_step}")
+    return dp
+
+
+def gradient_accumulation_steps(cfg: RunConfig, dp: int) -> int:
+    tr = cfg.training
+    return tr.global_batch_size // (tr.micro_batch_size * dp)

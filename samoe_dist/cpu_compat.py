@@ -1,0 +1,203 @@
+"""What megatron-core 0.16.1 and DeepSpeed 0.19.8 need to run on a machine without CUDA.
+
+Every patch here is small, targeted at one documented breakage (../shared/PLATFORM.md), and
+applied once by :func:`apply`, which is a no-op when CUDA is available. The numbered list matches
+the breakages it fixes:
+
+1. ``torch.cuda.current_device()`` is called by RoPE, the router and ~175 other megatron sites to
+   place new tensors; on CPU it resolves to the CPU device.
+2. ``model_parallel_cuda_manual_seed`` needs CUDA RNG state: :func:`seed_model_parallel` uses
+   megatron's pass-through tracker on CPU instead, so forks keep the seeded CPU generator.
+3. ``te_general_gemm`` is referenced by the router's gating linear without TransformerEngine
+   (``NameError``, also on GPU): the name is defined as ``None`` so the torch path is taken. This
+   one is applied on GPU too, where TransformerEngine is absent, since it is a missing-name bug.
+4. The ``alltoall`` token dispatcher creates a ``torch.cuda.Stream`` and synchronises a
+   device-to-host copy with streams and events: on CPU there is nothing to copy, so the
+   synchronisation step only converts the split sizes.
+5. Split sizes of that dispatcher stay tensors on CPU (upstream converts only CUDA tensors to host
+   lists) and ``all_to_all_single`` rejects them: CPU tensors are converted the same way.
+6. Fusions (bias-gelu, masked softmax, rope, ...) need CUDA kernels: :func:`cpu_safe_config_overrides`
+   lists the TransformerConfig fields the model builder must set on CPU.
+7. DeepSpeed's ``init_distributed`` JIT-compiles a shared-memory comm op with g++ (about a minute,
+   and a failure where no compiler exists): on CPU it is skipped and gloo is used as is.
+8. DeepSpeed's fused Adam JIT-compiles a C++ op: the ds_config for CPU uses ``torch_adam``, and
+   :func:`check_ds_config_for_cpu` turns a config that would compile into one clear error.
+9. Attention without an explicit mask builds its default causal mask with ``device="cuda"``
+   hard-coded (``megatron.core.transformer.utils.get_default_causal_mask``): on CPU it is built on
+   the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = False
+
+
+def on_cpu() -> bool:
+    """True when this process has no usable CUDA device (the patches below are then needed)."""
+    return not torch.cuda.is_available()
+
+
+def apply() -> bool:
+    """Apply every CPU patch once. Returns True when patches were applied (no CUDA)."""
+    global _APPLIED
+    # megatron-core warns at import that it falls back to torch without Apex/TransformerEngine:
+    # expected for the local layer spec, and noise in every user-facing message.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*(not installed|Falling back).*")
+    warnings.filterwarnings("ignore", message=r"moe_ffn_hidden_size is not set")
+    if on_cpu():
+        # DeepSpeed would detect the CPU accelerator by itself, with a warning on every import.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _patch_te_general_gemm()  # a missing name, on any device
+    if not on_cpu():
+        return False
+    if _APPLIED:
+        return True
+    _patch_current_device()
+    _patch_alltoall_dispatcher()
+    _patch_deepspeed_shm_op()
+    _patch_default_causal_mask()
+    _APPLIED = True
+    logger.debug("samoe_dist.cpu_compat: CPU patches applied")
+    return True
+
+
+# 1 -------------------------------------------------------------------------------------------
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _patch_current_device() -> None:
+    torch.cuda.current_device = _cpu_current_device
+
+
+# 2 -------------------------------------------------------------------------------------------
+def seed_model_parallel(seed: int) -> None:
+    """Seed torch and megatron's model-parallel RNG tracker, on CPU or GPU.
+
+    On GPU this is megatron's own ``model_parallel_cuda_manual_seed``. On CPU (tensor-parallel
+    size 1, so no rank needs a separate dropout stream) megatron's tracker is created in its
+    pass-through form, whose ``fork()`` keeps the default CPU generator seeded here: dropout and
+    init code that forks the tracker runs unchanged and is reproducible from ``seed``.
+    """
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.manual_seed(seed)
+    if not on_cpu():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
+    mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+# 3 -------------------------------------------------------------------------------------------
+def _patch_te_general_gemm() -> None:
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+# 4, 5 ----------------------------------------------------------------------------------------
+class _NoStream:
+    """Stands in for the dispatcher's class-level CUDA stream so none is created."""
+
+
+def _cpu_dtoh_and_synchronize(self, point: str, tokens_per_expert=None):
+    """CPU version of ``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize``.
+
+    Upstream copies split sizes to the host on a side stream and waits on an event. On CPU the
+    tensors are already on the host: convert the split sizes to numpy (as upstream does for CUDA
+    tensors) at the same point, and there is nothing to wait for.
+    """
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        self.input_splits = _host_splits(self.input_splits)
+        self.output_splits = _host_splits(self.output_splits)
+        self.output_splits_tp = _host_splits(self.output_splits_tp)
+    return tokens_per_expert
+
+
+def _host_splits(splits: Any) -> Any:
+    if torch.is_tensor(splits):
+        return splits.numpy()
+    return splits
+
+
+def _patch_alltoall_dispatcher() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    cls = token_dispatcher.MoEAlltoAllTokenDispatcher
+    cls.cuda_dtoh_stream = _NoStream()
+    cls._maybe_dtoh_and_synchronize = _cpu_dtoh_and_synchronize
+
+
+# 6 -------------------------------------------------------------------------------------------
+def cpu_safe_config_overrides() -> dict[str, Any]:
+    """TransformerConfig fields to set when running without CUDA (fusions need CUDA kernels)."""
+    if not on_cpu():
+        return {}
+    return dict(
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+    )
+
+
+# 7 -------------------------------------------------------------------------------------------
+def _no_shm_op():
+    return None
+
+
+def _patch_deepspeed_shm_op() -> None:
+    # `import deepspeed.comm.torch as m` would bind the real `torch` package (deepspeed.comm
+    # imports torch under that name), so the module is taken from sys.modules.
+    import deepspeed.comm  # noqa: F401  (imports deepspeed.comm.torch)
+
+    ds_torch_comm = sys.modules["deepspeed.comm.torch"]
+    ds_torch_comm.build_shm_op = _no_shm_op
+
+
+# 8 -------------------------------------------------------------------------------------------
+def check_ds_config_for_cpu(ds_config: dict) -> None:
+    """Raise ValueError when a ds_config would JIT-compile fused Adam on a CPU machine."""
+    if not on_cpu():
+        return
+    opt = ds_config.get("optimizer") or {}
+    if str(opt.get("type", "")).lower() in ("adam", "adamw"):
+        params = opt.get("params") or {}
+        if not params.get("torch_adam", False):
+            raise ValueError(
+                "ds_config optimizer 'Adam'/'AdamW' on a machine without CUDA would JIT-compile "
+                "DeepSpeed's fused Adam: set \"torch_adam\": true in optimizer.params "
+                "(see examples/ds_config_cpu.json)"
+            )
+
+
+# 9 -------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _patch_default_causal_mask() -> None:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils
+
+    utils.get_default_causal_mask = _cpu_default_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_default_causal_mask  # bound by name at import

@@ -1,0 +1,191 @@
+"""Model builder: megatron-core's GPTModel, dense, standard MoE or SaMoE, from one RunConfig.
+
+The transformer is megatron-core's own (``GPTModel``, ``TransformerBlock``, the local layer spec);
+only the MLP submodule of each MoE layer changes:
+
+- dense: ``--num-experts`` not given, every layer has megatron's MLP;
+- standard MoE: every ``--moe-layer-freq``-th layer is megatron's ``MoELayer`` with N experts;
+- SaMoE: those layers are ``MoELayer`` whose experts are combinations of one shared pool
+  (``samoe_dist.samoe``), the pool registered once at model level.
+
+Both MoE kinds use :class:`samoe_dist.router.ExplicitLossRouter`, so their auxiliary losses are
+added to the training loss by :class:`GPTLM` in plain sight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from samoe_dist import cpu_compat
+from samoe_dist.config import RunConfig
+from samoe_dist.router import ExplicitLossRouter
+
+logger = logging.getLogger(__name__)
+
+
+def transformer_config(cfg: RunConfig) -> TransformerConfig:
+    """megatron-core's TransformerConfig for this run (CPU-safe settings where CUDA is absent)."""
+    m, moe = cfg.model, cfg.moe
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        init_method_std=m.init_method_std,
+        normalization=m.normalization,
+        add_bias_linear=False,
+        gated_linear_unit=m.swiglu,
+        activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
+        bias_activation_fusion=False,
+        bf16=cfg.training.bf16,
+        expert_model_parallel_size=cfg.parallel.expert_model_parallel_size,
+    )
+    if moe.enabled:
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.moe_router_topk,
+            moe_aux_loss_coeff=moe.moe_aux_loss_coeff,
+            moe_z_loss_coeff=moe.moe_z_loss_coeff,
+            moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+            moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
+            moe_router_pre_softmax=moe.moe_router_pre_softmax,
+            moe_ffn_hidden_size=moe.moe_ffn_hidden_size,
+            moe_router_load_balancing_type="aux_loss" if moe.moe_aux_loss_coeff > 0 else "none",
+        )
+    kwargs.update(cpu_compat.cpu_safe_config_overrides())
+    return TransformerConfig(**kwargs)
+
+
+def _with_mlp(layer_spec, mlp_spec):
+    """A copy of a TransformerLayer spec whose MLP submodule is ``mlp_spec``."""
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp_spec))
+
+
+def _with_explicit_router(moe_spec):
+    return dataclasses.replace(moe_spec, submodules=dataclasses.replace(moe_spec.submodules, router=ExplicitLossRouter))
+
+
+def block_spec(cfg: RunConfig, pool_ref=None) -> TransformerBlockSubmodules:
+    """Per-layer specs: dense layers, and MoE/SaMoE layers at cfg.moe_layer_indices()."""
+    norm = cfg.model.normalization
+    dense = get_gpt_layer_local_spec(num_experts=None, normalization=norm)
+    specs = [dense] * cfg.model.num_layers
+    if cfg.moe.enabled:
+        moe_layer = get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts, normalization=norm)
+        for j, i in enumerate(cfg.moe_layer_indices()):
+            if cfg.samoe.enabled:
+                from samoe_dist.samoe.spec import samoe_moe_spec
+
+                mlp = samoe_moe_spec(pool_ref, j, cfg.samoe)
+            else:
+                mlp = moe_layer.submodules.mlp
+            specs[i] = _with_mlp(moe_layer, _with_explicit_router(mlp))
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=dense.submodules.input_layernorm)
+
+
+class GPTLM(torch.nn.Module):
+    """GPTModel plus the loss: masked token cross-entropy + the routers' auxiliary losses.
+
+    ``forward(tokens [b,s], labels [b,s], loss_mask [b,s])`` returns the scalar training loss and a
+    dict of detached components (lm loss, load-balancing and z losses) for logging.
+    """
+
+    def __init__(self, gpt: GPTModel, pool: Optional[torch.nn.Module] = None) -> None:
+        super().__init__()
+        self.gpt = gpt
+        if pool is not None:
+            from samoe_dist.samoe.pool import attach_pool
+
+            attach_pool(self.gpt, pool)
+        self.routers = [m for m in self.gpt.modules() if isinstance(m, ExplicitLossRouter)]
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
+        b, s = tokens.shape
+        position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        per_token = self.gpt(tokens, position_ids, None, labels=labels)  # [b, s] fp32 CE
+        mask = loss_mask.to(per_token.dtype)
+        lm_loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        total = lm_loss
+        parts = {"lm loss": lm_loss.detach()}
+        aux = self.collect_aux_losses()
+        for name, value in aux.items():
+            total = total + value.to(total.dtype)
+            parts[name.replace("_", " ")] = value.detach()
+        return total, parts
+
+    def collect_aux_losses(self) -> dict[str, torch.Tensor]:
+        """Sum each aux loss over the MoE layers of the last forward (empty in eval/no-grad)."""
+        out: dict[str, torch.Tensor] = {}
+        for router in self.routers:
+            for name, value in router.pop_losses().items():
+                out[name] = out[name] + value if name in out else value
+        return out
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits [b, s, V] (inference and evaluation)."""
+        b, s = tokens.shape
+        position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        out = self.gpt(tokens, position_ids, None)  # [b, s, V]
+        self.collect_aux_losses()
+        return out
+
+
+def build_model(cfg: RunConfig, groups) -> GPTLM:
+    """Build the model on this rank. ``groups`` is the run's ParallelGroups."""
+    tcfg = transformer_config(cfg)
+    pool, pool_ref = None, None
+    if cfg.samoe.enabled:
+        from samoe_dist.samoe.pool import ExpertPool, PoolRef
+
+        pool = ExpertPool(
+            pool_size=cfg.samoe.samoe_pool_size,
+            hidden_size=cfg.model.hidden_size,
+            ffn_hidden_size=cfg.moe.moe_ffn_hidden_size,
+            gated=cfg.model.swiglu,
+            init_method_std=cfg.model.init_method_std,
+            output_layer_init_std=cfg.model.init_method_std / (2.0 * cfg.model.num_layers) ** 0.5,
+        )
+        pool_ref = PoolRef(pool)
+    gpt = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=block_spec(cfg, pool_ref),
+        vocab_size=cfg.model.vocab_size,
+        max_sequence_length=cfg.model.max_position_embeddings,
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+        position_embedding_type=cfg.model.position_embedding_type,
+        pg_collection=groups.pg_collection,
+    )
+    mark_expert_parameters(gpt, groups.ep_size, groups.ds_ep_group_name)
+    return GPTLM(gpt, pool)
+
+
+def mark_expert_parameters(module: torch.nn.Module, ep_size: int, ds_group_name: str) -> int:
+    """Tag megatron's expert weights so DeepSpeed reduces them over the right group.
+
+    megatron-core builds experts from linear layers with ``is_expert=True`` and, only when
+    EP > 1, sets ``allreduce = False`` on them without naming a group. They are tagged
+    ``samoe_expert`` (parameter accounting) and, with EP > 1, given the ``group_name`` of
+    DeepSpeed's expert-data-parallel group. With EP = 1 that group is the whole data-parallel
+    world: they stay ordinary data-parallel parameters. Returns how many were tagged.
+    """
+    n = 0
+    for sub in module.modules():
+        if not getattr(sub, "is_expert", False):
+            continue
+        for p in sub.parameters(recurse=False):
+            p.samoe_expert = True
+            if ep_size > 1:
+                p.allreduce = False
+                p.group_name = ds_group_name
+            n += 1
+    return n

@@ -1,0 +1,125 @@
+"""Process groups: DeepSpeed's and megatron-core's, created together and checked to agree.
+
+world = data-parallel x expert-parallel (TP = PP = 1). The expert-parallel (EP) groups are
+contiguous ranks in both libraries; the start-up check asserts that each rank's EP group and
+expert-data-parallel group are the same set of ranks in ``deepspeed.utils.groups`` and in
+megatron-core's ``parallel_state``. The groups reach the model as one :class:`ParallelGroups`
+object (its ``pg_collection`` is what megatron-core's modules take), never as globals read inside
+the model math.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from samoe_dist import cpu_compat
+
+logger = logging.getLogger(__name__)
+
+
+class LayoutMismatchError(RuntimeError):
+    """DeepSpeed and megatron-core disagree about which ranks form a group."""
+
+
+@dataclass
+class ParallelGroups:
+    """The groups a run uses, handed explicitly to the model builder and the trainer."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    ep_size: int
+    ep_rank: int
+    ep_group: Any
+    expert_dp_group: Any
+    ds_ep_group_name: str  # DeepSpeed's name of the EP groups ("ep_size_N")
+    pg_collection: Any  # megatron.core.process_groups_config.ProcessGroupCollection
+
+    @property
+    def dp_size(self) -> int:
+        """Every rank is a data-parallel replica of the dense parameters (TP = PP = 1)."""
+        return self.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 30.0) -> ParallelGroups:
+    """Initialise torch.distributed through DeepSpeed, then both libraries' expert groups."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import groups as ds_groups
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    cpu_compat.apply()
+    backend = "gloo" if cpu_compat.on_cpu() else "nccl"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not cpu_compat.on_cpu():
+        torch.cuda.set_device(local_rank)
+    ep = expert_model_parallel_size
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+            expert_model_parallel_size=ep)
+    group_name = f"ep_size_{ep}"
+    if group_name not in ds_groups._get_expert_parallel_group_dict():
+        ds_groups._create_expert_and_data_parallel(ep)
+    groups = ParallelGroups(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        ep_size=ep,
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        ep_group=parallel_state.get_expert_model_parallel_group(),
+        expert_dp_group=parallel_state.get_expert_data_parallel_group(),
+        ds_ep_group_name=group_name,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    check_groups_agree(groups)
+    return groups
+
+
+def check_groups_agree(groups: ParallelGroups) -> None:
+    """Raise LayoutMismatchError unless both libraries put the same ranks in each group."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups as ds_groups
+
+    name = groups.ds_ep_group_name
+    pairs = {
+        "expert-parallel": (dist.get_process_group_ranks(groups.ep_group),
+                            ds_groups._get_expert_parallel_group_ranks(name)),
+        "expert-data-parallel": (dist.get_process_group_ranks(groups.expert_dp_group),
+                                 ds_groups._get_expert_data_parallel_group_ranks(name)),
+    }
+    for what, (mcore_ranks, ds_ranks) in pairs.items():
+        if sorted(mcore_ranks) != sorted(ds_ranks):
+            raise LayoutMismatchError(
+                f"rank {groups.rank}: megatron-core's {what} group {sorted(mcore_ranks)} differs from "
+                f"DeepSpeed's {sorted(ds_ranks)} (--expert-model-parallel-size {groups.ep_size}, "
+                f"world {groups.world_size}); both must use contiguous EP groups: do not change "
+                f"megatron's rank order or DeepSpeed's use_data_before_expert_parallel")
+
+
+def destroy() -> None:
+    """Tear down both libraries' groups (tests run several layouts in one process)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

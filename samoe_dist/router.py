@@ -1,0 +1,44 @@
+"""megatron-core's top-k router with its auxiliary losses handed to the caller explicitly.
+
+Upstream attaches the load-balancing and z losses to activations through
+``MoEAuxLossAutoScaler`` (their gradient appears in backward without being part of the loss) and
+logs them into a module-global tracker. Here the routing is unchanged, but each loss is kept on the
+router until :meth:`pop_losses`, so the model adds them to the training loss itself and they are
+logged per layer like any other value.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_utils import z_loss_func
+from megatron.core.transformer.moe.router import TopKRouter
+
+
+class ExplicitLossRouter(TopKRouter):
+    """TopKRouter whose aux losses are collected with :meth:`pop_losses` instead of injected."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, aux_loss_name,
+                                           reduce_group, reduce_group_has_dp=False,
+                                           valid_token_count=None):
+        # aux_loss already carries its coefficient (megatron's switch_load_balancing_loss_func).
+        self._add("load_balancing_loss", aux_loss)
+        return activation
+
+    def apply_z_loss(self, logits, padding_mask: Optional[torch.Tensor] = None):
+        if self.config.moe_z_loss_coeff is not None and self.training and torch.is_grad_enabled():
+            self._add("z_loss", z_loss_func(logits, self.config.moe_z_loss_coeff, padding_mask=padding_mask))
+        return logits
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        self._pending[name] = self._pending[name] + value if name in self._pending else value
+
+    def pop_losses(self) -> dict[str, torch.Tensor]:
+        """The aux losses (coefficient applied) of the forward passes since the last call."""
+        losses, self._pending = self._pending, {}
+        return losses

@@ -1,0 +1,203 @@
+"""The training loop: DeepSpeed engine around megatron-core's GPTModel.
+
+One optimizer step consumes ``--global-batch-size`` samples: each data-parallel rank runs
+``gradient_accumulation_steps`` micro-batches of ``--micro-batch-size``, and DeepSpeed's engine
+scales, accumulates, reduces, clips and steps. Reported losses are means over the whole global
+batch (all micro-batches of all ranks), so a 1-process and an N-process run of the same global
+batch report the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from samoe_dist import cpu_compat
+from samoe_dist.config import RunConfig, gradient_accumulation_steps, validate_layout
+from samoe_dist.data_adapter import TrainingData, build_training_data
+from samoe_dist.ds_config import build_ds_config, load_ds_config
+from samoe_dist.metrics import MetricsWriter, iteration_line, setup_logging
+from samoe_dist.model import build_model
+from samoe_dist.optim import make_scheduler, param_groups
+from samoe_dist.parallel import ParallelGroups, init_distributed
+from samoe_dist.params import count_parameters, format_counts
+
+logger = logging.getLogger("samoe")
+
+
+def _mean_over_world(values: dict[str, float]) -> dict[str, float]:
+    """Average each value over all ranks (each rank contributes the mean of its micro-batches)."""
+    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _key(name: str) -> str:
+    return name.replace(" ", "_")
+
+
+class Trainer:
+    """Owns the engine, the data and the counters of one run."""
+
+    def __init__(self, cfg: RunConfig, ds_config_path: Optional[str]):
+        self.cfg = cfg
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dp = validate_layout(cfg, world_size)  # fails before any process group exists
+        user_ds = load_ds_config(ds_config_path)
+        self.groups: ParallelGroups = init_distributed(cfg.parallel.expert_model_parallel_size)
+        setup_logging(self.groups.rank)
+        cpu_compat.seed_model_parallel(cfg.training.seed)
+        self.data: TrainingData = build_training_data(cfg, self.groups)
+        self.gas = gradient_accumulation_steps(cfg, self.dp)
+        self.ds_config = build_ds_config(cfg, user_ds, self.dp)
+        self.model = build_model(cfg, self.groups)
+        self.param_counts = count_parameters(self.model, cfg)
+        logger.info("model: %s | %s", cfg.kind, format_counts(self.param_counts))
+        import deepspeed
+
+        tr = cfg.training
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model,
+            model_parameters=param_groups(self.model, tr.weight_decay),
+            config=self.ds_config,
+            lr_scheduler=lambda opt: make_scheduler(opt, tr),
+        )
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.metrics = MetricsWriter(self.groups.is_main, tr.metrics_file, tr.tensorboard_dir)
+        if tr.load:
+            self.load_checkpoint(tr.load)
+
+    # -- steps -------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.engine.device) for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over one global batch; returns world-averaged losses."""
+        tr = self.cfg.training
+        sums: dict[str, float] = {}
+        for micro_step in range(self.gas):
+            batch = self._to_device(self.data.micro_batch(
+                "train", self.consumed_samples, tr.micro_batch_size, self.groups.dp_rank, self.dp, micro_step))
+            loss, parts = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+            self.engine.backward(loss)
+            self.engine.step()
+            for name, value in parts.items():
+                sums[_key(name)] = sums.get(_key(name), 0.0) + float(value) / self.gas
+        self.consumed_samples += tr.global_batch_size
+        self.iteration += 1
+        return _mean_over_world(sums)
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> float:
+        """Mean lm loss over --eval-iters global batches (Megatron's meaning of eval-iters), so the
+        samples evaluated do not depend on the number of processes."""
+        tr = self.cfg.training
+        self.engine.eval()
+        total = 0.0
+        for i in range(tr.eval_iters):
+            for micro_step in range(self.gas):
+                batch = self._to_device(self.data.micro_batch(
+                    split, i * tr.global_batch_size, tr.micro_batch_size, self.groups.dp_rank, self.dp, micro_step))
+                _, parts = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+                total += float(parts["lm loss"])
+        self.engine.train()
+        return _mean_over_world({"loss": total / (tr.eval_iters * self.gas)})["loss"]
+
+    # -- loop --------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg, tr = self.cfg, self.cfg.training
+        self.metrics.write({"type": "config", "iteration": self.iteration, "kind": cfg.kind,
+                            "config": cfg.to_dict(), "params": self.param_counts,
+                            "world_size": self.groups.world_size})
+        tokens_per_step = tr.global_batch_size * cfg.model.seq_length
+        first_loss = None
+        window: list[dict] = []
+        t_last = time.time()
+        while self.iteration < tr.train_iters:
+            lr = self.engine.get_lr()[0]
+            t0 = time.time()
+            losses = self.train_step()
+            elapsed = time.time() - t0
+            grad_norm = self.engine.get_global_grad_norm()
+            rec = {"type": "train", "iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "ms_per_iter": elapsed * 1000.0, "tokens_per_sec": tokens_per_step / max(elapsed, 1e-9),
+                   **losses}
+            if first_loss is None:
+                first_loss = rec["lm_loss"]
+            if not math.isfinite(rec["lm_loss"]):
+                raise FloatingPointError(f"lm loss is {rec['lm_loss']} at iteration {self.iteration}: "
+                                         f"lower --lr or check the data; the last checkpoint is untouched")
+            self.metrics.write(rec)
+            window.append(rec)
+            if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
+                logger.info(iteration_line(_window_mean(window, time.time() - t_last, tokens_per_step), tr.train_iters))
+                window, t_last = [], time.time()
+            if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.iteration < tr.train_iters:
+                self._log_validation(self.evaluate())
+            if tr.save and tr.save_interval and self.iteration % tr.save_interval == 0:
+                self.save_checkpoint(tr.save)
+        final_valid = self.evaluate()
+        self._log_validation(final_valid, final=True)
+        if tr.save and (not tr.save_interval or self.iteration % tr.save_interval != 0):
+            self.save_checkpoint(tr.save)
+        summary = {"type": "final", "iteration": self.iteration, "consumed_samples": self.consumed_samples,
+                   "first_train_loss": first_loss, "final_valid_loss": final_valid,
+                   "final_valid_ppl": math.exp(min(final_valid, 50.0)), "params": self.param_counts}
+        self.metrics.write(summary)
+        self.metrics.close()
+        return summary
+
+    def _log_validation(self, loss: float, final: bool = False) -> None:
+        ppl = math.exp(min(loss, 50.0))
+        what = "validation loss at the end" if final else "validation loss"
+        logger.info("-" * 100)
+        logger.info(" %s (iteration %d) | lm loss value: %.6E | lm loss PPL: %.6E", what, self.iteration, loss, ppl)
+        logger.info("-" * 100)
+        self.metrics.write({"type": "valid", "iteration": self.iteration, "lm_loss": loss, "ppl": ppl})
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str) -> None:
+        tag = f"iter_{self.iteration:07d}"
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state={
+            "iteration": self.iteration, "consumed_samples": self.consumed_samples,
+            "config": self.cfg.to_dict()})
+        logger.info("saved checkpoint %s/%s", save_dir, tag)
+
+    def load_checkpoint(self, load_dir: str) -> None:
+        if not os.path.isfile(os.path.join(load_dir, "latest")):
+            raise FileNotFoundError(f"--load {load_dir}: no 'latest' file there, so no checkpoint to resume; "
+                                    f"check the path or drop --load to start from scratch")
+        path, client = self.engine.load_checkpoint(load_dir)
+        if path is None:
+            raise FileNotFoundError(f"--load {load_dir}: DeepSpeed found no loadable checkpoint there")
+        self.iteration = int(client["iteration"])
+        self.consumed_samples = int(client["consumed_samples"])
+        logger.info("resumed from %s at iteration %d (%d samples consumed)", path, self.iteration, self.consumed_samples)
+
+
+def _window_mean(window: list[dict], seconds: float, tokens_per_step: int) -> dict:
+    """Mean of the records since the last log line, timed over the whole window."""
+    out = dict(window[-1])
+    for key in window[-1]:
+        if key.endswith("loss") or key == "grad_norm":
+            out[key] = sum(r[key] for r in window) / len(window)
+    out["ms_per_iter"] = 1000.0 * seconds / len(window)
+    out["tokens_per_sec"] = tokens_per_step * len(window) / max(seconds, 1e-9)
+    return out
+
+
+def pretrain(cfg: RunConfig, ds_config_path: Optional[str]) -> dict:
+    """Run a whole pretraining job; returns the final summary record."""
+    return Trainer(cfg, ds_config_path).train()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a venv in .venv with the pinned packages, this package installed editable,
+# and (unless SAMOE_SKIP_CORPUS=1) the default corpus and its tokenizer under data/.
+# A second run skips every part that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"samoe needs Python 3.11, found {sys.version.split()[0]}: set PYTHON=/path/to/python3.11"'
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $PYTHON"
+  "$PYTHON" -m venv .venv
+fi
+
+# GPU users: install a CUDA build of torch into .venv first, then run with SAMOE_GPU=1.
+CONSTRAINTS=constraints.txt
+[ "${SAMOE_GPU:-0}" = "1" ] && CONSTRAINTS=constraints-gpu.txt
+stamp=.venv/.samoe-install-stamp
+want=$(cat "$CONSTRAINTS" setup.py | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing pinned packages ($CONSTRAINTS)"
+  export PIP_DISABLE_PIP_VERSION_CHECK=1 DS_BUILD_OPS=0
+  if [ "$CONSTRAINTS" = constraints.txt ]; then
+    # torch first, from the pin: nothing later may swap in a CUDA build.
+    .venv/bin/python -m pip install -q -c "$CONSTRAINTS" "$(grep '^torch==' "$CONSTRAINTS")"
+  fi
+  .venv/bin/python -m pip install -q -c "$CONSTRAINTS" -e ".[dev]"
+  echo "$want" > "$stamp"
+else
+  echo "[setup] packages up to date"
+fi
+
+if [ "${SAMOE_SKIP_CORPUS:-0}" != "1" ]; then
+  mkdir -p data
+  [ -s data/shakespeare.jsonl ] || .venv/bin/python tools/fetch_corpus.py shakespeare --output data/shakespeare.jsonl --cache-dir data/cache
+  [ -s data/spm.model ] || .venv/bin/python tools/train_tokenizer.py --input data/shakespeare.jsonl --model-prefix data/spm --vocab-size 2000
+fi

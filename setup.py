@@ -1,0 +1,32 @@
+"""samoe_dist: shared-pool Mixture-of-Experts (SaMoE) pretraining on megatron-core + DeepSpeed.
+
+Install with the constraints file so torch stays the pinned build:
+    pip install -c constraints.txt -e .            # CPU (what scripts/setup.sh does)
+    pip install -c constraints-gpu.txt -e .        # GPU, after installing a CUDA build of torch
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="samoe_dist",
+    version="0.1.0",
+    description="Distributed pretraining of parameter-efficient shared-pool MoE language models",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["samoe_dist", "samoe_dist.*"]),
+    py_modules=["pretrain_samoe"],
+    install_requires=[
+        "torch>=2.6",  # exact build pinned by constraints*.txt (CPU build here, CUDA build on GPUs)
+        "deepspeed==0.19.8",
+        "megatron-core==0.16.1",  # no extras: they pull TransformerEngine and CUDA wheels
+        "sentencepiece==0.2.3",
+        "tensorboard==2.21.0",
+        "numpy==2.3.5",
+        "tqdm==4.67.1",
+        "safetensors==0.6.2",
+    ],
+    extras_require={
+        "dev": ["pytest==8.4.2"],
+        # mpi4py needs an MPI runtime: `apt-get install libopenmpi-dev openmpi-bin` first.
+        "mpi": ["mpi4py==4.1.2"],
+    },
+)

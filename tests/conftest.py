@@ -1,0 +1,55 @@
+"""Shared fixtures: a one-process gloo world with megatron-core's parallel state initialised."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from samoe_dist import cpu_compat
+
+cpu_compat.apply()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def single_process_world():
+    """torch.distributed (gloo, world size 1) and megatron-core parallel_state with EP=1.
+
+    Session-scoped: megatron's parallel state is process-global. Tests that need several ranks
+    spawn their own processes (tests/distributed).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    yield
+    # left initialised for the rest of the session
+
+
+@pytest.fixture
+def seeded(single_process_world):
+    """Seed torch and megatron's RNG tracker before a test builds modules."""
+    cpu_compat.seed_model_parallel(1234)
+    torch.manual_seed(1234)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """(jsonl, tokenizer model) of a small templated corpus, made once per session."""
+    from tests.helpers import make_tiny_corpus
+
+    return make_tiny_corpus(tmp_path_factory.mktemp("tiny_corpus"))

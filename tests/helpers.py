@@ -1,0 +1,68 @@
+"""Test helpers: a tiny synthetic corpus with its tokenizer, and running the real launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+_SUBJECTS = ["the king", "a fool", "my lord", "the queen", "this night", "our army", "the moon", "thy heart"]
+_VERBS = ["doth love", "shall see", "hath slain", "will call", "must fear", "did praise", "can hear"]
+_OBJECTS = ["the crown", "a ghost", "his sword", "her ring", "the sea", "my friend", "the stars"]
+
+
+def make_tiny_corpus(directory: Path, documents: int = 300, vocab_size: int = 160, seed: int = 0):
+    """Write a templated jsonl corpus (learnable structure) and train a SentencePiece model on it.
+
+    Returns (jsonl path, tokenizer model path).
+    """
+    from samoe_dist.data.tokenizer import train_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    jsonl = directory / "tiny.jsonl"
+    with open(jsonl, "w") as f:
+        for _ in range(documents):
+            lines = [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
+                     for _ in range(rng.randint(4, 12))]
+            f.write(json.dumps({"text": "\n".join(lines)}) + "\n")
+    model = train_tokenizer([jsonl], directory / "spm", vocab_size=vocab_size, byte_fallback=False)
+    return jsonl, Path(model)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_launcher(nprocs: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N pretrain_samoe.py ARGS` on CPU, as a user runs it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()),
+           str(REPO / "pretrain_samoe.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def read_metrics(path: Path, kind: str) -> list[dict]:
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+def tiny_model_args(tmp: Path, corpus, tokenizer, *extra: str) -> list[str]:
+    """Flags of a tiny GPT run on the tiny corpus (a few seconds per process on CPU)."""
+    return ["--ds_config", str(REPO / "examples/ds_config_cpu.json"),
+            "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--data-path", str(corpus), "--tokenizer-model", str(tokenizer), "--data-cache-path", str(tmp),
+            "--log-interval", "1", "--eval-interval", "0", "--eval-iters", "2", "--lr-warmup-iters", "1",
+            *extra]
