@@ -174,6 +174,7 @@ class TrainingConfig:
     save: Optional[str] = doc("Directory to save checkpoints to.", default=None)
     load: Optional[str] = doc("Directory to load a checkpoint from.", default=None)
     save_interval: Optional[int] = doc("Steps between checkpoints (default: only at the end when --save is set).", default=None)
+    exit_interval: Optional[int] = doc("Stop (after saving, when --save is set) once the iteration is a multiple of this.", default=None)
     tensorboard_dir: Optional[str] = doc("Write TensorBoard events here.", default=None)
     metrics_file: Optional[str] = doc("Write JSON-lines metrics here (rank 0).", default=None)
 
@@ -188,13 +189,14 @@ class TrainingConfig:
                  f"--lr-warmup-iters {self.lr_warmup_iters} must be in [0, --train-iters {self.train_iters}]")
         if self.lr_decay_iters is None:
             self.lr_decay_iters = self.train_iters
-        _require(self.lr_decay_iters > self.lr_warmup_iters or self.lr_decay_style == "constant",
-                 f"--lr-decay-iters {self.lr_decay_iters} must exceed --lr-warmup-iters {self.lr_warmup_iters}")
+        _require(self.lr_decay_iters >= self.lr_warmup_iters,
+                 f"--lr-decay-iters {self.lr_decay_iters} must be >= --lr-warmup-iters {self.lr_warmup_iters}")
         _require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         _require(self.clip_grad >= 0, f"--clip-grad must be >= 0, got {self.clip_grad}")
         _require(self.eval_interval >= 0, f"--eval-interval must be >= 0, got {self.eval_interval}")
-        if self.save_interval is not None:
-            _positive(self, "save_interval")
+        for name in ("save_interval", "exit_interval"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
 
 
 @dataclass

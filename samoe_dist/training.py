@@ -148,6 +148,12 @@ class Trainer:
                 self._log_validation(self.evaluate())
             if tr.save and tr.save_interval and self.iteration % tr.save_interval == 0:
                 self.save_checkpoint(tr.save)
+            if tr.exit_interval and self.iteration % tr.exit_interval == 0 and self.iteration < tr.train_iters:
+                logger.info("exiting at iteration %d (--exit-interval %d)", self.iteration, tr.exit_interval)
+                if tr.save and not (tr.save_interval and self.iteration % tr.save_interval == 0):
+                    self.save_checkpoint(tr.save)
+                self.metrics.close()
+                return {"type": "exit", "iteration": self.iteration}
         final_valid = self.evaluate()
         self._log_validation(final_valid, final=True)
         if tr.save and (not tr.save_interval or self.iteration % tr.save_interval != 0):

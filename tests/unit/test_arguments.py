@@ -18,7 +18,7 @@ FROZEN_FLAGS = [
     "--adam-beta1", "--adam-beta2", "--adam-eps", "--attention-dropout", "--bf16", "--clip-grad",
     "--data-cache-path", "--data-path", "--deepscale", "--deepscale_config", "--deepspeed",
     "--deepspeed_config", "--ds-config", "--ds_config", "--eval-interval", "--eval-iters",
-    "--expert-model-parallel-size", "--ffn-hidden-size", "--global-batch-size", "--help",
+    "--exit-interval", "--expert-model-parallel-size", "--ffn-hidden-size", "--global-batch-size", "--help",
     "--hidden-dropout", "--hidden-size", "--init-method-std", "--load", "--local-rank", "--local_rank",
     "--log-interval", "--lr", "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-iters",
     "--max-position-embeddings", "--metrics-file", "--micro-batch-size", "--min-lr",

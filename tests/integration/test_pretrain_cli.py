@@ -1,0 +1,86 @@
+"""The real entry script under the deepspeed launcher: dense, standard MoE and SaMoE train from the
+command line with 2 processes; bad input stops with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import read_metrics, run_launcher, tiny_model_args
+
+KINDS = {
+    "dense": [],
+    "moe": ["--num-experts", "4", "--moe-router-topk", "2", "--moe-z-loss-coeff", "1e-3"],
+    "samoe": ["--num-experts", "4", "--moe-router-topk", "2", "--samoe-pool-size", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_corpus):
+    """Train each model kind once (2 processes, 4 layers, every other layer MoE)."""
+    corpus, tok = tiny_corpus
+    out = {}
+    for kind, extra in KINDS.items():
+        tmp = tmp_path_factory.mktemp(kind)
+        metrics = tmp / "metrics.jsonl"
+        args = tiny_model_args(tmp, corpus, tok, "--num-layers", "4", "--moe-layer-freq", "2",
+                               "--micro-batch-size", "4", "--global-batch-size", "16", "--train-iters", "30",
+                               "--lr", "5e-3", "--eval-interval", "15", "--log-interval", "10",
+                               "--metrics-file", str(metrics), *extra)
+        run = run_launcher(2, args)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        out[kind] = (run, metrics)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_trains_and_reports(trained, kind):
+    run, metrics = trained[kind]
+    train = read_metrics(metrics, "train")
+    final = read_metrics(metrics, "final")[0]
+    assert len(train) == 30 and train[-1]["consumed_samples"] == 30 * 16
+    # the validation loss at the end is clearly below the loss of the first step
+    assert final["final_valid_loss"] < final["first_train_loss"] - 0.5, final
+    assert "validation loss at the end" in run.stdout + run.stderr
+    assert "iteration       10/      30" in run.stdout + run.stderr
+    for rec in train:
+        for key in ("iteration", "consumed_samples", "ms_per_iter", "tokens_per_sec", "lr", "lm_loss", "grad_norm"):
+            assert key in rec
+    if kind != "dense":
+        assert all(r["load_balancing_loss"] > 0 for r in train)
+    if kind == "moe":
+        assert all(r["z_loss"] > 0 for r in train)
+
+
+def test_parameter_accounting(trained):
+    params = {kind: read_metrics(trained[kind][1], "final")[0]["params"] for kind in KINDS}
+    h, f, n, layers_moe, pool = 32, 128, 4, 2, 2
+    expert = 2 * h * f
+    assert params["dense"]["expert"] == 0
+    assert params["moe"]["expert"] == layers_moe * n * expert
+    assert params["samoe"]["expert"] == params["samoe"]["pool"] == pool * expert
+    # SaMoE holds P/(L*N) of the standard model's expert parameters
+    assert params["samoe"]["expert"] * layers_moe * n == params["moe"]["expert"] * pool
+    assert params["samoe"]["combination"] == layers_moe * n * pool
+    assert params["moe"]["router"] == params["samoe"]["router"] == layers_moe * n * h
+    # same active compute per token for both MoE kinds
+    assert params["moe"]["active_per_token"] == params["samoe"]["active_per_token"]
+    assert params["moe"]["total"] - params["samoe"]["total"] == (layers_moe * n - pool) * expert - layers_moe * n * pool
+
+
+def test_vocab_mismatch_is_one_line(tmp_path, tiny_corpus):
+    corpus, tok = tiny_corpus
+    run = run_launcher(1, tiny_model_args(tmp_path, corpus, tok, "--vocab-size", "999", "--train-iters", "1"))
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    assert len(errors) == 1 and "--vocab-size 999 does not match the tokenizer" in errors[0]
+    assert "Traceback" not in run.stderr
+
+
+def test_missing_data_is_one_line(tmp_path, tiny_corpus):
+    _, tok = tiny_corpus
+    run = run_launcher(1, tiny_model_args(tmp_path, tmp_path / "nope.jsonl", tok, "--train-iters", "1"))
+    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    assert run.returncode != 0 and len(errors) == 1 and "does not exist" in errors[0]
+    assert "fetch_corpus.py" in errors[0]
