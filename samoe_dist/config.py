@@ -101,6 +101,9 @@ class MoEConfig:
         _positive(self, "num_experts", "moe_router_topk", "moe_layer_freq")
         _require(self.moe_router_topk <= self.num_experts,
                  f"--moe-router-topk {self.moe_router_topk} exceeds --num-experts {self.num_experts}")
+        _require(self.moe_router_topk > 1 or self.moe_router_pre_softmax,
+                 "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over one chosen logit is "
+                 "always 1 and the router would get no gradient from the output)")
         _require(self.moe_aux_loss_coeff >= 0, f"--moe-aux-loss-coeff must be >= 0, got {self.moe_aux_loss_coeff}")
         if self.moe_z_loss_coeff is not None:
             _require(self.moe_z_loss_coeff >= 0, f"--moe-z-loss-coeff must be >= 0, got {self.moe_z_loss_coeff}")

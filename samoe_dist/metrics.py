@@ -38,6 +38,8 @@ def iteration_line(rec: dict, train_iters: int) -> str:
     if "z_loss" in rec:
         parts.append(f"z loss: {rec['z_loss']:.6E}")
     parts.append(f"grad norm: {rec['grad_norm']:.3f}")
+    if "combination_entropy" in rec:
+        parts.append(f"combination entropy: {rec['combination_entropy']:.3f}")
     return " | ".join(parts) + " |"
 
 
@@ -69,6 +71,9 @@ class MetricsWriter:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("iteration",) and math.isfinite(value):
                     self._tb.add_scalar(f"{prefix}/{key}", value, step)
+                elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                    for i, v in enumerate(value):
+                        self._tb.add_scalar(f"{prefix}/{key}/{i}", v, step)
 
     def close(self) -> None:
         if self._file is not None:

@@ -108,6 +108,7 @@ class GPTLM(torch.nn.Module):
 
             attach_pool(self.gpt, pool)
         self.routers = [m for m in self.gpt.modules() if isinstance(m, ExplicitLossRouter)]
+        self.samoe_experts = [m for m in self.gpt.modules() if hasattr(m, "combination_entropy")]
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
         b, s = tokens.shape
@@ -131,6 +132,11 @@ class GPTLM(torch.nn.Module):
                 out[name] = out[name] + value if name in out else value
         return out
 
+    @torch.no_grad()
+    def combination_entropies(self) -> list[float]:
+        """Mean row entropy of each SaMoE layer's A_l (nats; log P when uniform, 0 when one-hot)."""
+        return [float(m.combination_entropy()) for m in self.samoe_experts]
+
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [b, s, V] (inference and evaluation)."""
         b, s = tokens.shape
@@ -147,14 +153,7 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
     if cfg.samoe.enabled:
         from samoe_dist.samoe.pool import ExpertPool, PoolRef
 
-        pool = ExpertPool(
-            pool_size=cfg.samoe.samoe_pool_size,
-            hidden_size=cfg.model.hidden_size,
-            ffn_hidden_size=cfg.moe.moe_ffn_hidden_size,
-            gated=cfg.model.swiglu,
-            init_method_std=cfg.model.init_method_std,
-            output_layer_init_std=cfg.model.init_method_std / (2.0 * cfg.model.num_layers) ** 0.5,
-        )
+        pool = ExpertPool.from_transformer_config(tcfg, cfg.samoe.samoe_pool_size)
         pool_ref = PoolRef(pool)
     gpt = GPTModel(
         config=tcfg,

@@ -10,7 +10,8 @@ from samoe_dist.config import TrainingConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and other 1-D parameters.
+    """AdamW groups: no weight decay on biases, norms and other 1-D parameters, nor on SaMoE's
+    combination logits (decay would pull every layer's experts towards the pool mean).
 
     Expert parameters (``allreduce = False``) are split into DeepSpeed's MoE groups so ZeRO-1/2
     reduce them over the expert-data-parallel group.
@@ -21,7 +22,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        exempt = p.ndim < 2 or name.endswith(".bias") or name.endswith("combination_logits")
+        (no_decay if exempt else decay).append(p)
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},

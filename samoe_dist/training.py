@@ -139,6 +139,11 @@ class Trainer:
             if not math.isfinite(rec["lm_loss"]):
                 raise FloatingPointError(f"lm loss is {rec['lm_loss']} at iteration {self.iteration}: "
                                          f"lower --lr or check the data; the last checkpoint is untouched")
+            if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
+                entropies = self.model.combination_entropies()
+                if entropies:
+                    rec["combination_entropy_per_layer"] = entropies
+                    rec["combination_entropy"] = sum(entropies) / len(entropies)
             self.metrics.write(rec)
             window.append(rec)
             if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:

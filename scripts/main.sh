@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# glibc: keep large activation buffers instead of mmap-ing and page-faulting them afresh every
+# step (SaMoE's grouped expert buffers; see bench/memory_samoe.py). CPU-only tuning.
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-4294967296} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-4294967296}
 run=runs/main
 mkdir -p "$run"
 exec deepspeed --num_gpus 2 pretrain_samoe.py --ds_config examples/ds_config_cpu.json \

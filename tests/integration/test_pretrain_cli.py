@@ -4,6 +4,7 @@ command line with 2 processes; bad input stops with one line."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -51,6 +52,14 @@ def test_trains_and_reports(trained, kind):
         assert all(r["load_balancing_loss"] > 0 for r in train)
     if kind == "moe":
         assert all(r["z_loss"] > 0 for r in train)
+    logged = [r for r in train if "combination_entropy" in r]
+    if kind == "samoe":  # logged at every log interval, per SaMoE layer, within [0, log P]
+        assert [r["iteration"] for r in logged] == [10, 20, 30]
+        assert all(len(r["combination_entropy_per_layer"]) == 2 for r in logged)
+        assert all(0.0 < e <= math.log(2) + 1e-6 for r in logged for e in r["combination_entropy_per_layer"])
+        assert "combination entropy:" in run.stdout + run.stderr
+    else:
+        assert not logged
 
 
 def test_parameter_accounting(trained):

@@ -1,0 +1,174 @@
+"""SaMoEExperts: the ``experts`` submodule of megatron-core's MoELayer, built from the shared pool.
+
+megatron's MoELayer (router, token dispatchers, aux losses) is used unchanged; only its experts
+are replaced (see :mod:`samoe_dist.samoe.spec`). The forward contract is megatron's
+SequentialMLP's: tokens arrive grouped by local expert, ``tokens_per_expert[e]`` rows each, with
+the routing prob of each row, and the result is ``(output, None)``.
+
+This layer owns its combination logits ``C_NP`` (all N rows on every rank, a dense replicated
+parameter: rows of experts another rank owns simply get zero gradient here, SAMOE.md §4). The
+pool is reached through a :class:`~samoe_dist.samoe.pool.PoolRef` and is not a submodule.
+Local experts are the global experts ``ep_rank*n_local .. ep_rank*n_local + n_local - 1`` of the
+EP group handed in, as megatron's BaseMoELayer numbers them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from samoe_dist.config import SaMoEConfig
+from samoe_dist.samoe.combination import combination_weights, init_combination_logits, row_entropy
+from samoe_dist.samoe.expert_ffn import materialize, materialized_expert_ffn
+from samoe_dist.samoe.pool import ExpertPool, PoolRef
+
+
+class SaMoEExperts(MegatronModule):
+    """The N experts of one MoE layer as ``A = softmax(C / tau)`` (top-m optional) times the pool."""
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        config: TransformerConfig,
+        submodules=None,
+        pg_collection=None,
+        *,
+        pool_ref: PoolRef,
+        moe_layer_index: int,
+        samoe: SaMoEConfig,
+    ):
+        super().__init__(config=config)
+        if pg_collection is None or getattr(pg_collection, "ep", None) is None:
+            raise ValueError("SaMoEExperts needs the pg_collection (with its EP group) MoELayer passes in")
+        _check_supported(config, pg_collection)
+        if samoe.samoe_pool_size is None:
+            raise ValueError("SaMoEExperts needs --samoe-pool-size (SaMoEConfig.samoe_pool_size)")
+        self.pool_ref = pool_ref
+        self.moe_layer_index = moe_layer_index
+        self.samoe = samoe
+        self.num_experts = config.num_moe_experts
+        self.num_local_experts = num_local_experts
+        self.pool_size = samoe.samoe_pool_size
+        ep_rank = pg_collection.ep.rank()
+        if num_local_experts * pg_collection.ep.size() != self.num_experts:
+            raise ValueError(
+                f"{num_local_experts} local experts x EP size {pg_collection.ep.size()} != "
+                f"--num-experts {self.num_experts}"
+            )
+        self.local_expert_offset = ep_rank * num_local_experts
+        if pool_ref.pool is not None:
+            self._check_pool(pool_ref.pool)
+
+        # C_NP, drawn from its own generator seeded off torch's RNG: a seeded model is reproducible.
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        logits_NP = init_combination_logits(
+            self.num_experts,
+            self.pool_size,
+            moe_layer_index,
+            init=samoe.samoe_init,
+            peak=samoe.samoe_init_peak,
+            noise=samoe.samoe_init_noise,
+            generator=torch.Generator().manual_seed(seed),
+            dtype=config.params_dtype,
+        )
+        device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
+        self.combination_logits = torch.nn.Parameter(logits_NP.to(device))
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @property
+    def pool(self) -> ExpertPool:
+        pool = self.pool_ref.pool
+        if pool is None:
+            raise RuntimeError("SaMoEExperts: the PoolRef holds no pool (attach the pool before forward)")
+        return pool
+
+    def _check_pool(self, pool: ExpertPool) -> None:
+        cfg = self.config
+        expected = (self.pool_size, cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.gated_linear_unit)
+        got = (pool.pool_size, pool.hidden_size, pool.ffn_hidden_size, pool.gated)
+        if expected != got:
+            raise ValueError(
+                "SaMoE pool shape (pool_size, hidden_size, moe_ffn_hidden_size, gated) is "
+                f"{got}, the layer expects {expected}"
+            )
+
+    def combination_weights(self) -> torch.Tensor:
+        """A_NP for all N layer experts (differentiable in the combination logits).
+
+        The softmax runs in fp32 when the logits are bf16/fp16 (as megatron's router does).
+        """
+        logits_NP = self.combination_logits
+        if logits_NP.dtype in (torch.float16, torch.bfloat16):
+            logits_NP = logits_NP.float()
+        return combination_weights(logits_NP, self.samoe.samoe_temperature, self.samoe.samoe_top_m)
+
+    @torch.no_grad()
+    def combination_entropy(self) -> torch.Tensor:
+        """Mean row entropy of A (0: hard one-to-one sharing, log P: uniform mix), for logging."""
+        return row_entropy(self.combination_weights())
+
+    @torch.no_grad()
+    def materialized_experts(self) -> tuple:
+        """(W1_NHF, W2_NFH[, W3_NHF]) of all N layer experts, detached (tests and export)."""
+        A_NP = self.combination_weights()
+        out = []
+        for w in self.pool.tensors():
+            if w is not None:
+                out.append(materialize(A_NP.to(w.dtype), w))
+        return tuple(out)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        permuted_local_hidden_states: torch.Tensor,
+        tokens_per_expert,
+        permuted_probs: torch.Tensor,
+    ):
+        """Run the local experts on tokens grouped by expert; returns ``(output_TH, None)``."""
+        x_TH, probs_T = permuted_local_hidden_states, permuted_probs
+        if self.config.moe_apply_probs_on_input:  # as SequentialMLP: scale inputs, not outputs
+            x_TH = (probs_T.unsqueeze(-1) * x_TH).to(x_TH.dtype)
+            probs_T = torch.ones_like(probs_T)
+        counts = tokens_per_expert.tolist() if hasattr(tokens_per_expert, "tolist") else list(tokens_per_expert)
+        pool = self.pool
+        w1, w2, w3 = pool.tensors()
+        if x_TH.dtype != w1.dtype:
+            raise TypeError(
+                f"SaMoE experts got {x_TH.dtype} tokens but the pool is {w1.dtype}: convert the "
+                "pool with the model (register it with attach_pool before any .to()/bf16 wrapping)"
+            )
+        lo = self.local_expert_offset
+        A_own_nP = self.combination_weights()[lo : lo + self.num_local_experts].to(w1.dtype)
+        y_TH = materialized_expert_ffn(
+            x_TH, probs_T, counts, A_own_nP, w1, w2, w3, self.config.activation_func
+        )
+        return y_TH, None
+
+    def backward_dw(self):
+        """No delayed weight-gradient pass: gradients are computed in backward (MoELayer API)."""
+
+
+def _check_supported(config: TransformerConfig, pg_collection) -> None:
+    """Fail early, naming the flag, on megatron options this expert implementation does not do."""
+    problems = []
+    if config.add_bias_linear:
+        problems.append("add_bias_linear=True (SaMoE experts have no biases; set --disable-bias-linear)")
+    if getattr(config, "glu_linear_offset", 0.0) not in (0, 0.0):
+        problems.append(f"glu_linear_offset={config.glu_linear_offset}")
+    if getattr(config, "activation_func_clamp_value", None) is not None:
+        problems.append(f"activation_func_clamp_value={config.activation_func_clamp_value}")
+    if getattr(config, "moe_latent_size", None):
+        problems.append(f"moe_latent_size={config.moe_latent_size}")
+    if config.fp8 or getattr(config, "fp4", None):
+        problems.append("fp8/fp4 experts")
+    if getattr(config, "use_te_activation_func", False):
+        problems.append("use_te_activation_func=True")
+    expt_tp = getattr(pg_collection, "expt_tp", None)
+    if expt_tp is not None and expt_tp.size() != 1:
+        problems.append(f"expert tensor parallel size {expt_tp.size()} (only 1 is supported)")
+    if problems:
+        raise NotImplementedError("SaMoEExperts does not support: " + "; ".join(problems))

@@ -1,0 +1,96 @@
+"""Per-expert GEMMs on tokens grouped by expert: ``torch.nn.functional.grouped_mm`` or a loop.
+
+Tokens arrive sorted by local expert (``counts[g]`` rows for expert g, in order, as megatron's
+dispatchers hand them to the experts). Two products are needed:
+
+- :func:`grouped_matmul`  ``y[rows of g] = x[rows of g] @ w[g]``        (forward, input grads)
+- :func:`grouped_weight_grad`  ``dw[g] = x[rows of g].T @ dy[rows of g]``  (weight grads)
+
+torch's grouped GEMM runs on the CPU in torch 2.13 for fp32/bf16/fp16 when both feature sizes
+are 16-byte aligned; other cases (fp64 for gradcheck, odd sizes, a device or build without it)
+take the loop over experts that megatron's SequentialMLP uses. Whether the grouped kernel works
+for a (device, dtype, K, N) is probed once, on a tiny case, and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+
+_GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Set to False to force the loop (tests compare both paths).
+ENABLE_GROUPED_MM = True
+
+
+def _offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_works(device_type: str, device_index: Optional[int], dtype: torch.dtype, k: int, n: int) -> bool:
+    """Probe both grouped products once for these feature sizes; False on any error or mismatch."""
+    if _GROUPED_MM is None or dtype not in _GROUPED_DTYPES:
+        return False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if (k * itemsize) % 16 or (n * itemsize) % 16:
+        return False
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
+    try:
+        counts = (2, 0, 3)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(5, k, generator=gen).to(device=device, dtype=dtype)
+        w = torch.randn(3, k, n, generator=gen).to(device=device, dtype=dtype)
+        dy = torch.randn(5, n, generator=gen).to(device=device, dtype=dtype)
+        offs = _offsets(counts, device)
+        w_t = torch.randn(3, n, k, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+        tol = 1e-2 if dtype != torch.float32 else 1e-4
+        checks = (
+            (_GROUPED_MM(x, w, offs=offs), _loop_matmul(x, w, counts)),
+            (_GROUPED_MM(x, w_t, offs=offs), _loop_matmul(x, w_t, counts)),  # a transposed view
+            (_GROUPED_MM(x.t(), dy, offs=offs), _loop_weight_grad(x, dy, counts)),
+        )
+        return all(
+            torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol * max(k, 5))
+            for got, ref in checks
+        )
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _use_grouped(x: torch.Tensor, k: int, n: int) -> bool:
+    return ENABLE_GROUPED_MM and _grouped_mm_works(x.device.type, x.device.index, x.dtype, k, n)
+
+
+def _loop_matmul(x_TK: torch.Tensor, w_GKN: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    chunks = torch.split(x_TK, list(counts))
+    return torch.cat([xg @ w_GKN[g] for g, xg in enumerate(chunks)], dim=0)
+
+
+def _loop_weight_grad(x_TK: torch.Tensor, dy_TN: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    xs = torch.split(x_TK, list(counts))
+    dys = torch.split(dy_TN, list(counts))
+    return torch.stack([xg.t() @ dyg for xg, dyg in zip(xs, dys)], dim=0)
+
+
+def grouped_matmul(x_TK: torch.Tensor, w_GKN: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """y_TN with rows of group g equal to ``x_TK[rows of g] @ w_GKN[g]``."""
+    G, K, N = w_GKN.shape
+    if x_TK.shape[0] == 0:
+        return x_TK.new_zeros(0, N)
+    if _use_grouped(x_TK, K, N):
+        return _GROUPED_MM(x_TK, w_GKN, offs=_offsets(counts, x_TK.device))
+    return _loop_matmul(x_TK, w_GKN, counts)
+
+
+def grouped_weight_grad(x_TK: torch.Tensor, dy_TN: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """dw_GKN with ``dw[g] = x_TK[rows of g].T @ dy_TN[rows of g]`` (zeros for an empty group)."""
+    K, N = x_TK.shape[1], dy_TN.shape[1]
+    if x_TK.shape[0] == 0:
+        return x_TK.new_zeros(len(counts), K, N)
+    if _use_grouped(x_TK, K, N):
+        return _GROUPED_MM(x_TK.t(), dy_TN, offs=_offsets(counts, x_TK.device))
+    return _loop_weight_grad(x_TK, dy_TN, counts)

@@ -1,0 +1,223 @@
+"""One pool shared by several SaMoE layers: the degenerate case equals megatron's standard MoE, the
+pool gradient is the combination-weighted sum of the layer-expert gradients, and the pool is
+stored once."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from samoe_dist.config import SaMoEConfig
+from samoe_dist.samoe.pool import ExpertPool, PoolRef, attach_pool
+from samoe_dist.samoe.reference import reference_combination_weights, reference_materialize, reference_moe_layer
+
+H, FFN, N, L = 8, 6, 4, 2
+SEQ, BATCH = 6, 2
+DT = torch.float64
+RTOL, ATOL = 1e-5, 1e-6
+AUX, ZLOSS = 0.1, 0.01
+
+
+def _config(gated, k=2, dispatcher="alltoall"):
+    from samoe_dist.samoe.testing import moe_transformer_config
+
+    return moe_transformer_config(
+        hidden_size=H, ffn_hidden_size=FFN, num_experts=N, topk=k, num_layers=L, gated=gated,
+        aux_loss_coeff=AUX, z_loss_coeff=ZLOSS, dispatcher=dispatcher, dtype=DT,
+    )
+
+
+def _samoe_stack(cfg, samoe, pool):
+    """L SaMoE MoELayers sharing `pool`, held with the pool attached once (as the model builder does)."""
+    from samoe_dist.samoe.testing import build_samoe_layer
+
+    model = torch.nn.Module()
+    pool_ref = PoolRef(pool)
+    model.layers = torch.nn.ModuleList(
+        build_samoe_layer(cfg, pool_ref, j, samoe, layer_number=j + 1) for j in range(L)
+    )
+    attach_pool(model, pool)
+    for layer in model.layers:
+        with torch.no_grad():
+            layer.router.weight.normal_()
+    return model
+
+
+def _run_stack(layers, x_SBH):
+    """h <- h + moe(h) for each layer (a residual stream, as in a transformer)."""
+    h = x_SBH
+    for layer in layers:
+        y, _ = layer(h)
+        h = h + y
+    return h
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_one_hot_pool_of_L_times_N_is_megatrons_standard_moe(seeded, gated):
+    """P = L*N, A one-hot with layer l expert e on pool expert l*N+e (top_m=1 makes A exactly
+    one-hot): SaMoE layers equal megatron's standard MoELayers loaded with the same weights."""
+    from samoe_dist.samoe.testing import build_standard_layer, load_pool_experts_into_standard
+
+    cfg = _config(gated)
+    samoe = SaMoEConfig(samoe_pool_size=L * N, samoe_top_m=1, samoe_init="peaked", samoe_init_peak=4.0)
+    pool = ExpertPool(L * N, H, FFN, gated=gated, init_method_std=0.5, dtype=DT)
+    model = _samoe_stack(cfg, samoe, pool)
+    standard = torch.nn.ModuleList(build_standard_layer(cfg, layer_number=j + 1) for j in range(L))
+    for j in range(L):
+        A = model.layers[j].experts.combination_weights()
+        assert torch.equal(A, torch.eye(L * N, dtype=DT)[j * N:(j + 1) * N])  # exactly one-hot
+        load_pool_experts_into_standard(standard[j], pool, [j * N + e for e in range(N)])
+        with torch.no_grad():
+            standard[j].router.weight.copy_(model.layers[j].router.weight)
+
+    x = torch.randn(SEQ, BATCH, H, dtype=DT)
+    x_samoe, x_std = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_samoe, out_std = _run_stack(model.layers, x_samoe), _run_stack(standard, x_std)
+    G = torch.randn_like(out_std)
+    (out_samoe * G).sum().backward()
+    (out_std * G).sum().backward()
+
+    torch.testing.assert_close(out_samoe, out_std, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(x_samoe.grad, x_std.grad, rtol=RTOL, atol=ATOL)
+    for j in range(L):
+        torch.testing.assert_close(model.layers[j].router.weight.grad, standard[j].router.weight.grad,
+                                   rtol=RTOL, atol=ATOL)
+        assert (model.layers[j].experts.combination_logits.grad == 0).all()  # one-hot: no signal
+        for e in range(N):
+            expert = standard[j].experts.local_experts[e]
+            p = j * N + e
+            fc1_grad = expert.linear_fc1.weight.grad
+            torch.testing.assert_close(pool.w1.grad[p], fc1_grad[:FFN].t(), rtol=RTOL, atol=ATOL)
+            if gated:
+                torch.testing.assert_close(pool.w3.grad[p], fc1_grad[FFN:].t(), rtol=RTOL, atol=ATOL)
+            torch.testing.assert_close(pool.w2.grad[p], expert.linear_fc2.weight.grad.t(), rtol=RTOL, atol=ATOL)
+    assert pool.w1.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_pool_gradient_is_the_combination_weighted_sum_of_layer_expert_gradients(seeded, dispatcher):
+    """dLoss/dW_pool[p] = sum_l sum_e A_l[e, p] * dLoss/dW_l[e] (SAMOE.md §2), on 2 layers in sequence."""
+    P = 3
+    cfg = _config(gated=False, dispatcher=dispatcher)
+    samoe = SaMoEConfig(samoe_pool_size=P, samoe_temperature=0.8, samoe_init="random")
+    pool = ExpertPool(P, H, FFN, init_method_std=0.5, dtype=DT)
+    model = _samoe_stack(cfg, samoe, pool)
+    x = torch.randn(SEQ, BATCH, H, dtype=DT)
+    out = _run_stack(model.layers, x)
+    G = torch.randn_like(out)
+    (out * G).sum().backward()
+
+    # Oracle: each layer's materialised experts are independent leaves; their gradients are taken
+    # separately, then combined with A_l by the formula.
+    A = [reference_combination_weights(l.experts.combination_logits.detach(), 0.8) for l in model.layers]
+    experts = [
+        [tuple(w.detach().clone().requires_grad_() if w is not None else None for w in ex)
+         for ex in reference_materialize(A_l, pool.tensors())]
+        for A_l in A
+    ]
+    h = x.reshape(-1, H)
+    extra_losses = 0.0
+    for j, layer in enumerate(model.layers):
+        y, aux, z = reference_moe_layer(h, layer.router.weight.detach(), experts[j], 2, True, None,
+                                        AUX, ZLOSS, cfg.activation_func, False)
+        h = h + y
+        extra_losses = extra_losses + aux + z
+    leaves = [w for layer_experts in experts for ex in layer_experts for w in ex[:2]]
+    grads = torch.autograd.grad((h * G.reshape(-1, H)).sum() + extra_losses, leaves)
+    dW1 = [[grads[2 * (j * N + e)] for e in range(N)] for j in range(L)]
+    dW2 = [[grads[2 * (j * N + e) + 1] for e in range(N)] for j in range(L)]
+
+    want_w1 = sum(A[j][e, :, None, None] * dW1[j][e][None] for j in range(L) for e in range(N))
+    want_w2 = sum(A[j][e, :, None, None] * dW2[j][e][None] for j in range(L) for e in range(N))
+    torch.testing.assert_close(out.reshape(-1, H), h.detach(), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(pool.w1.grad, want_w1, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(pool.w2.grad, want_w2, rtol=RTOL, atol=ATOL)
+    # both layers contribute: dropping either one's term changes the result
+    layer0_only = sum(A[0][e, :, None, None] * dW1[0][e][None] for e in range(N))
+    assert not torch.allclose(pool.w1.grad, layer0_only, rtol=1e-3, atol=1e-6)
+
+
+def test_state_dict_holds_the_pool_once_and_round_trips(seeded):
+    cfg = _config(gated=True)
+    samoe = SaMoEConfig(samoe_pool_size=5, samoe_init="peaked")
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return _samoe_stack(cfg, samoe, ExpertPool(5, H, FFN, gated=True, init_method_std=0.5, dtype=DT))
+
+    model = make(1)
+    pool = model.samoe_pool
+    sd = model.state_dict()
+    for name, w in (("w1", pool.w1), ("w2", pool.w2), ("w3", pool.w3)):
+        holders = [k for k, v in sd.items() if v.data_ptr() == w.data_ptr()]
+        assert holders == [f"samoe_pool.{name}"], holders
+    n_params = sum(1 for _ in model.parameters())
+    assert n_params == 3 + L * 2  # pool w1/w2/w3 once; per layer: router weight, combination logits
+    assert sorted(k for k in sd if "combination_logits" in k) == [
+        f"layers.{j}.experts.combination_logits" for j in range(L)
+    ]
+
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = make(2)
+    x = torch.randn(SEQ, BATCH, H, dtype=DT)
+    with torch.no_grad():
+        before = _run_stack(fresh.layers, x)
+        expected = _run_stack(model.layers, x)
+    assert not torch.allclose(before, expected)
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    with torch.no_grad():
+        after = _run_stack(fresh.layers, x)
+    assert torch.equal(after, expected)
+    # the layers of the loaded model still use the loaded (model-level) pool
+    assert all(l.experts.pool is fresh.samoe_pool for l in fresh.layers)
+
+
+def test_attach_pool_refuses_a_second_pool():
+    model = torch.nn.Module()
+    ref = attach_pool(model, ExpertPool(2, 4, 4))
+    assert ref.pool is model.samoe_pool
+    with pytest.raises(ValueError, match="already holds"):
+        attach_pool(model, ExpertPool(2, 4, 4))
+
+
+def test_one_hot_degenerate_case_in_bfloat16_on_the_grouped_gemm_path(seeded):
+    """The same equivalence in bf16 with 16-byte-aligned sizes (torch's grouped GEMM on the CPU):
+    agreement to bf16 rounding, the routing being identical (same router, same ops)."""
+    from samoe_dist.samoe.testing import (
+        build_samoe_layer, build_standard_layer, load_pool_experts_into_standard, moe_transformer_config,
+    )
+
+    h, f, bf16 = 16, 32, torch.bfloat16
+    cfg = moe_transformer_config(hidden_size=h, ffn_hidden_size=f, num_experts=N, topk=2, gated=True,
+                                 aux_loss_coeff=AUX, dtype=bf16)
+    samoe = SaMoEConfig(samoe_pool_size=N, samoe_top_m=1, samoe_init="peaked")
+    pool = ExpertPool(N, h, f, gated=True, init_method_std=0.3, dtype=bf16)
+    layer = build_samoe_layer(cfg, PoolRef(pool), 0, samoe)
+    standard = build_standard_layer(cfg)
+    load_pool_experts_into_standard(standard, pool, list(range(N)))
+    with torch.no_grad():
+        layer.router.weight.normal_()
+        standard.router.weight.copy_(layer.router.weight)
+    x = torch.randn(SEQ, BATCH, h, dtype=bf16)
+    x_a, x_b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_a, _ = layer(x_a)
+    y_b, _ = standard(x_b)
+    G = torch.randn_like(y_a)
+    (y_a * G).sum().backward()
+    (y_b * G).sum().backward()
+
+    def close(a, b):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2 * b.float().abs().max().item())
+
+    close(y_a, y_b)
+    close(x_a.grad, x_b.grad)
+    close(layer.router.weight.grad, standard.router.weight.grad)
+    for e in range(N):
+        expert = standard.experts.local_experts[e]
+        close(pool.w1.grad[e], expert.linear_fc1.weight.grad[:f].t())
+        close(pool.w3.grad[e], expert.linear_fc1.weight.grad[f:].t())
+        close(pool.w2.grad[e], expert.linear_fc2.weight.grad.t())
