@@ -177,6 +177,7 @@ class TrainingConfig:
     save: Optional[str] = doc("Directory to save checkpoints to.", default=None)
     load: Optional[str] = doc("Directory to load a checkpoint from.", default=None)
     save_interval: Optional[int] = doc("Steps between checkpoints (default: only at the end when --save is set).", default=None)
+    recompute_granularity: Optional[str] = doc("'full': recompute each transformer layer in backward (non-reentrant activation checkpointing).", default=None)
     exit_interval: Optional[int] = doc("Stop (after saving, when --save is set) once the iteration is a multiple of this.", default=None)
     tensorboard_dir: Optional[str] = doc("Write TensorBoard events here.", default=None)
     metrics_file: Optional[str] = doc("Write JSON-lines metrics here (rank 0).", default=None)
@@ -197,6 +198,8 @@ class TrainingConfig:
         _require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         _require(self.clip_grad >= 0, f"--clip-grad must be >= 0, got {self.clip_grad}")
         _require(self.eval_interval >= 0, f"--eval-interval must be >= 0, got {self.eval_interval}")
+        _require(self.recompute_granularity in (None, "full"),
+                 f"--recompute-granularity must be 'full' (whole layers), got {self.recompute_granularity!r}")
         for name in ("save_interval", "exit_interval"):
             if getattr(self, name) is not None:
                 _positive(self, name)

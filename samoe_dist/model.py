@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from samoe_dist import cpu_compat
 from samoe_dist.config import RunConfig
+from samoe_dist.init import initialize_parameters
 from samoe_dist.router import ExplicitLossRouter
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         bias_activation_fusion=False,
         bf16=cfg.training.bf16,
         expert_model_parallel_size=cfg.parallel.expert_model_parallel_size,
+        perform_initialization=False,  # samoe_dist.init draws every weight, layout-independently
     )
     if moe.enabled:
         kwargs.update(
@@ -109,11 +111,14 @@ class GPTLM(torch.nn.Module):
             attach_pool(self.gpt, pool)
         self.routers = [m for m in self.gpt.modules() if isinstance(m, ExplicitLossRouter)]
         self.samoe_experts = [m for m in self.gpt.modules() if hasattr(m, "combination_entropy")]
+        self._load: Optional[torch.Tensor] = None  # [L_moe, N] tokens routed since expert_loads()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
         b, s = tokens.shape
         position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        self.collect_aux_losses()  # drop values a checkpoint recompute may have left behind
         per_token = self.gpt(tokens, position_ids, None, labels=labels)  # [b, s] fp32 CE
+        self._count_tokens()
         mask = loss_mask.to(per_token.dtype)
         lm_loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
         total = lm_loss
@@ -136,6 +141,20 @@ class GPTLM(torch.nn.Module):
     def combination_entropies(self) -> list[float]:
         """Mean row entropy of each SaMoE layer's A_l (nats; log P when uniform, 0 when one-hot)."""
         return [float(m.combination_entropy()) for m in self.samoe_experts]
+
+    def _count_tokens(self) -> None:
+        counts = [r.pop_counts() for r in self.routers]
+        if counts and all(c is not None for c in counts):
+            step = torch.stack(counts)
+            self._load = step if self._load is None else self._load + step
+
+    def expert_loads(self) -> torch.Tensor:
+        """Tokens this rank routed to each expert of each MoE layer since the last call [L_moe, N]."""
+        load, self._load = self._load, None
+        if load is None:
+            n = self.gpt.config.num_moe_experts or 0
+            return torch.zeros(len(self.routers), n, dtype=torch.float64)
+        return load.cpu()
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [b, s, V] (inference and evaluation)."""
@@ -164,8 +183,16 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
         position_embedding_type=cfg.model.position_embedding_type,
         pg_collection=groups.pg_collection,
     )
-    mark_expert_parameters(gpt, groups.ep_size, groups.ds_ep_group_name)
-    return GPTLM(gpt, pool)
+    n_local = cfg.moe.num_experts // groups.ep_size if cfg.moe.enabled else 0
+    initialize_parameters(gpt, tcfg, cfg.training.seed, expert_offset=groups.ep_rank * n_local)
+    if cfg.training.recompute_granularity == "full":
+        checkpoint_layers(gpt)
+    model = GPTLM(gpt, pool)
+    if mark_expert_parameters(gpt, groups.ep_size, groups.ds_ep_group_name) and groups.ep_size > 1:
+        from samoe_dist.ds_moe_marker import ExpertParallelMarker
+
+        model.ds_moe_marker = ExpertParallelMarker(cfg.moe.num_experts, groups.ep_size)
+    return model
 
 
 def mark_expert_parameters(module: torch.nn.Module, ep_size: int, ds_group_name: str) -> int:
@@ -188,3 +215,28 @@ def mark_expert_parameters(module: torch.nn.Module, ep_size: int, ds_group_name:
                 p.group_name = ds_group_name
             n += 1
     return n
+
+
+def checkpoint_layers(gpt: GPTModel) -> None:
+    """Recompute every transformer layer in backward, with torch's NON-reentrant checkpointing.
+
+    megatron-core's own recompute (``recompute_granularity='full'``) is reentrant: each layer's
+    backward is a separate autograd call, so a parameter used by every layer (the SaMoE pool) has
+    its gradient hook fire once per layer, which ZeRO-2 rejects ("gradient computed twice") and
+    which breaks gradient-accumulation bookkeeping. Non-reentrant checkpointing keeps one backward
+    graph: the pool's gradient is accumulated once per backward, however many layers use it.
+    """
+    from functools import partial
+
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    apply_activation_checkpointing(
+        gpt.decoder,
+        checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: isinstance(m, TransformerLayer),
+    )

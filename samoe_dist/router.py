@@ -2,9 +2,12 @@
 
 Upstream attaches the load-balancing and z losses to activations through
 ``MoEAuxLossAutoScaler`` (their gradient appears in backward without being part of the loss) and
-logs them into a module-global tracker. Here the routing is unchanged, but each loss is kept on the
-router until :meth:`pop_losses`, so the model adds them to the training loss itself and they are
-logged per layer like any other value.
+logs them into a module-global tracker. Here the routing is unchanged, but each loss of the last
+forward is kept on the router until :meth:`pop_losses`, so the model adds them to the training loss
+itself and they are logged like any other value. The same holds for the token counts per expert
+(:meth:`pop_counts`). Values are replaced, not accumulated, by each forward: a forward re-run by
+activation checkpointing in backward cannot count twice, since the model reads them right after
+its own forward.
 """
 
 from __future__ import annotations
@@ -22,6 +25,18 @@ class ExplicitLossRouter(TopKRouter):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._pending: dict[str, torch.Tensor] = {}
+        self._counts: Optional[torch.Tensor] = None  # on the routing device: no host sync per step
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        probs, routing_map = super().forward(input, padding_mask)
+        if self.training:  # tokens this rank routed to each expert (after capacity dropping)
+            self._counts = routing_map.sum(dim=0).detach().to(torch.float64)
+        return probs, routing_map
+
+    def pop_counts(self) -> Optional[torch.Tensor]:
+        """Tokens this rank routed to each expert in the last training forward [N], or None."""
+        counts, self._counts = self._counts, None
+        return counts
 
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, aux_loss_name,
                                            reduce_group, reduce_group_has_dp=False,
@@ -36,9 +51,9 @@ class ExplicitLossRouter(TopKRouter):
         return logits
 
     def _add(self, name: str, value: torch.Tensor) -> None:
-        self._pending[name] = self._pending[name] + value if name in self._pending else value
+        self._pending[name] = value  # one forward's value (see module docstring)
 
     def pop_losses(self) -> dict[str, torch.Tensor]:
-        """The aux losses (coefficient applied) of the forward passes since the last call."""
+        """The aux losses (coefficient applied) of the last training forward."""
         losses, self._pending = self._pending, {}
         return losses

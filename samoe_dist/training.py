@@ -74,6 +74,7 @@ class Trainer:
         )
         self.iteration = 0
         self.consumed_samples = 0
+        self.last_grad_norm = float("nan")
         self.metrics = MetricsWriter(self.groups.is_main, tr.metrics_file, tr.tensorboard_dir)
         if tr.load:
             self.load_checkpoint(tr.load)
@@ -91,12 +92,43 @@ class Trainer:
                 "train", self.consumed_samples, tr.micro_batch_size, self.groups.dp_rank, self.dp, micro_step))
             loss, parts = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
             self.engine.backward(loss)
+            if micro_step == self.gas - 1:
+                own_norm = self._reduced_grad_norm()
             self.engine.step()
             for name, value in parts.items():
                 sums[_key(name)] = sums.get(_key(name), 0.0) + float(value) / self.gas
         self.consumed_samples += tr.global_batch_size
         self.iteration += 1
+        engine_norm = self.engine.get_global_grad_norm()
+        if engine_norm is None or not math.isfinite(float(engine_norm)):
+            engine_norm = own_norm
+        self.last_grad_norm = float(engine_norm) if engine_norm is not None else float("nan")
         return _mean_over_world(sums)
+
+    def _reduced_grad_norm(self) -> Optional[float]:
+        """Global gradient norm from the reduced ``.grad`` of the parameters, where DeepSpeed keeps
+        them there (no ZeRO, fp32) and does not report the norm itself; None otherwise.
+
+        Dense parameters are replicas (their norm is counted once); expert-parallel parameters
+        differ between the ranks of an EP group, so their squares are summed over it.
+        """
+        if self.engine.zero_optimization_stage() != 0 or self.engine.bfloat16_enabled():
+            return None
+        dense = torch.zeros((), dtype=torch.float64)
+        expert = torch.zeros((), dtype=torch.float64)
+        for p in self.model.parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if getattr(p, "allreduce", True) is False:
+                expert += sq
+            else:
+                dense += sq
+        if self.groups.ep_size > 1:
+            expert = expert.to(self.engine.device)
+            dist.all_reduce(expert, group=self.groups.ep_group)
+            expert = expert.cpu()
+        return float((dense + expert).sqrt())
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float:
@@ -129,7 +161,7 @@ class Trainer:
             t0 = time.time()
             losses = self.train_step()
             elapsed = time.time() - t0
-            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = self.last_grad_norm
             rec = {"type": "train", "iteration": self.iteration, "consumed_samples": self.consumed_samples,
                    "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "ms_per_iter": elapsed * 1000.0, "tokens_per_sec": tokens_per_step / max(elapsed, 1e-9),
@@ -140,6 +172,7 @@ class Trainer:
                 raise FloatingPointError(f"lm loss is {rec['lm_loss']} at iteration {self.iteration}: "
                                          f"lower --lr or check the data; the last checkpoint is untouched")
             if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
+                rec.update(self._expert_load())
                 entropies = self.model.combination_entropies()
                 if entropies:
                     rec["combination_entropy_per_layer"] = entropies
@@ -148,6 +181,11 @@ class Trainer:
             window.append(rec)
             if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
                 logger.info(iteration_line(_window_mean(window, time.time() - t_last, tokens_per_step), tr.train_iters))
+                for j, (frac, per_rank) in enumerate(zip(rec.get("expert_load", []),
+                                                         zip(*rec.get("expert_tokens_per_rank", [])))):
+                    ranks = " ".join(f"r{r}={[int(c) for c in counts]}" for r, counts in enumerate(per_rank))
+                    logger.info("   expert load, MoE layer %d: fraction %s | tokens per rank %s",
+                                j, "[" + " ".join(f"{x:.3f}" for x in frac) + "]", ranks)
                 window, t_last = [], time.time()
             if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.iteration < tr.train_iters:
                 self._log_validation(self.evaluate())
@@ -169,6 +207,25 @@ class Trainer:
         self.metrics.write(summary)
         self.metrics.close()
         return summary
+
+    def _expert_load(self) -> dict:
+        """Tokens routed to each expert since the last log, per rank and as global fractions.
+
+        A collective (all ranks call it at the same iterations); empty for a dense model.
+        """
+        local = self.model.expert_loads()  # [L_moe, N] float64
+        if local.numel() == 0:
+            return {}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = self.engine.device
+            gathered = [torch.zeros_like(local, device=device) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, local.to(device))
+            per_rank = torch.stack(gathered).cpu()  # [W, L_moe, N]
+        else:
+            per_rank = local.unsqueeze(0)
+        total = per_rank.sum(0)
+        frac = total / total.sum(-1, keepdim=True).clamp(min=1.0)
+        return {"expert_load": frac.tolist(), "expert_tokens_per_rank": per_rank.tolist()}
 
     def _log_validation(self, loss: float, final: bool = False) -> None:
         ppl = math.exp(min(loss, 50.0))

@@ -93,3 +93,25 @@ def test_missing_data_is_one_line(tmp_path, tiny_corpus):
     errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
     assert run.returncode != 0 and len(errors) == 1 and "does not exist" in errors[0]
     assert "fetch_corpus.py" in errors[0]
+
+
+@pytest.mark.parametrize("nprocs, ep", [(2, 2), (4, 4)])
+def test_expert_parallel_from_the_cli(tmp_path, tiny_corpus, nprocs, ep):
+    corpus, tok = tiny_corpus
+    metrics = tmp_path / "metrics.jsonl"
+    run = run_launcher(nprocs, tiny_model_args(
+        tmp_path, corpus, tok, "--num-experts", "4", "--samoe-pool-size", "2", "--expert-model-parallel-size", str(ep),
+        "--micro-batch-size", "2", "--global-batch-size", str(2 * nprocs), "--train-iters", "4",
+        "--log-interval", "2", "--metrics-file", str(metrics)))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    lines = [line for line in log.splitlines() if "expert load, MoE layer 0" in line]
+    assert len(lines) == 2  # at each log interval
+    assert all(f"r{nprocs - 1}=[" in line for line in lines)  # per-rank token counts
+    rec = [r for r in read_metrics(metrics, "train") if "expert_load" in r][-1]
+    per_rank = rec["expert_tokens_per_rank"]  # [world][MoE layers][experts]
+    assert len(per_rank) == nprocs and len(per_rank[0]) == 2 and len(per_rank[0][0]) == 4
+    # every token of every rank is routed to k=2 experts in each layer over the 2 logged steps
+    tokens_per_rank = 2 * 2 * 32  # micro-batch x steps x seq
+    assert all(sum(layer) == 2 * tokens_per_rank for rank in per_rank for layer in rank)
+    assert abs(sum(rec["expert_load"][0]) - 1.0) < 1e-9

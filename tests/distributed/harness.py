@@ -1,0 +1,128 @@
+"""Run the real Trainer in several gloo processes and collect what each rank saw.
+
+Each rank runs ``steps`` optimizer steps and records the world-averaged losses and a snapshot of
+its parameters (named with GLOBAL expert indices, so ranks holding different experts merge into
+one full model) after every step. A failure on any rank fails the run, with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from tests.helpers import free_port
+
+
+def _snapshot(trainer) -> dict[str, torch.Tensor]:
+    from samoe_dist.init import canonical_name
+
+    cfg, groups = trainer.cfg, trainer.groups
+    offset = groups.ep_rank * (cfg.moe.num_experts // groups.ep_size) if cfg.moe.enabled else 0
+    return {canonical_name(n, offset): p.detach().float().clone() for n, p in trainer.model.named_parameters()}
+
+
+def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, out_dir: str, probe) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    result: dict = {"rank": rank}
+    try:
+        from samoe_dist import cpu_compat
+
+        cpu_compat.apply()
+        from samoe_dist.arguments import parse_args
+        from samoe_dist.training import Trainer
+
+        cfg, ds = parse_args(argv)
+        trainer = Trainer(cfg, ds)
+        result.update(losses=[], params=[], extra=[])
+        for _ in range(steps):
+            result["losses"].append(trainer.train_step())
+            result["params"].append(_snapshot(trainer))
+            if probe is not None:
+                result["extra"].append(probe(trainer))
+        result["ep_rank"] = trainer.groups.ep_rank
+    except BaseException:  # reported to the parent, which fails the test
+        result["error"] = traceback.format_exc()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_world(world: int, argv: list[str], steps: int, out_dir: Path, probe=None, timeout: float = 300.0):
+    """Run ``world`` processes; returns the per-rank results (each rank's failure fails here)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, argv, steps, str(out_dir), probe))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    results = []
+    for r, p in enumerate(procs):
+        path = out_dir / f"rank{r}.pt"
+        assert path.exists(), f"rank {r} of {world} died (exit code {p.exitcode}) without a result"
+        res = torch.load(path, weights_only=False)
+        assert "error" not in res, f"rank {r} of {world} failed:\n{res['error']}"
+        assert p.exitcode == 0, f"rank {r} exited with {p.exitcode}"
+        results.append(res)
+    return results
+
+
+def merged_params(results: list[dict], step: int) -> dict[str, torch.Tensor]:
+    """One full model from all ranks' snapshots after ``step``; replicated tensors must agree."""
+    merged: dict[str, torch.Tensor] = {}
+    for res in results:
+        for name, value in res["params"][step].items():
+            if name in merged:
+                torch.testing.assert_close(value, merged[name], rtol=0, atol=0,
+                                           msg=f"{name} differs between ranks after step {step}")
+            else:
+                merged[name] = value
+    return merged
+
+
+def _fn_worker(rank: int, world: int, port: int, ep: int, fn, args, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    result: dict = {"rank": rank}
+    try:
+        from samoe_dist.parallel import init_distributed
+
+        groups = init_distributed(ep)
+        result["value"] = fn(groups, *args)
+    except BaseException:
+        result["error"] = traceback.format_exc()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_fn(world: int, ep: int, fn, args: tuple, out_dir: Path, timeout: float = 300.0) -> list:
+    """Run ``fn(groups, *args)`` on every rank of a gloo world with EP size ``ep``; returns the
+    per-rank return values (any rank's exception fails here). ``fn`` must be importable."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_fn_worker, args=(r, world, port, ep, fn, args, str(out_dir)))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+    values = []
+    for r, p in enumerate(procs):
+        path = out_dir / f"rank{r}.pt"
+        assert path.exists(), f"rank {r} of {world} died (exit code {p.exitcode}) without a result"
+        res = torch.load(path, weights_only=False)
+        assert "error" not in res, f"rank {r} of {world} failed:\n{res['error']}"
+        values.append(res["value"])
+    return values
