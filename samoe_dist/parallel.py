@@ -65,9 +65,8 @@ def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 3
 
     cpu_compat.apply()
     backend = "gloo" if cpu_compat.on_cpu() else "nccl"
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+    # Also when torch.distributed is already up (tests): DeepSpeed then wraps the existing group.
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not cpu_compat.on_cpu():
         torch.cuda.set_device(local_rank)
