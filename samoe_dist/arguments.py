@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from typing import Optional, Sequence
@@ -68,6 +69,12 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def exit(self, status: int = 0, message=None):
+        # Under a launcher every rank parses the same flags: one copy of a message is enough.
+        if message and os.environ.get("RANK", "0") != "0":
+            message = None
+        super().exit(status, message)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -177,6 +177,8 @@ class TrainingConfig:
     save: Optional[str] = doc("Directory to save checkpoints to.", default=None)
     load: Optional[str] = doc("Directory to load a checkpoint from.", default=None)
     save_interval: Optional[int] = doc("Steps between checkpoints (default: only at the end when --save is set).", default=None)
+    keep_last_checkpoints: Optional[int] = doc("Keep only the newest K checkpoints in --save (default: all).", default=None)
+    exit_duration_in_mins: Optional[float] = doc("Save (when --save is set) and stop once the run has lasted this long.", default=None)
     recompute_granularity: Optional[str] = doc("'full': recompute each transformer layer in backward (non-reentrant activation checkpointing).", default=None)
     exit_interval: Optional[int] = doc("Stop (after saving, when --save is set) once the iteration is a multiple of this.", default=None)
     tensorboard_dir: Optional[str] = doc("Write TensorBoard events here.", default=None)
@@ -200,19 +202,23 @@ class TrainingConfig:
         _require(self.eval_interval >= 0, f"--eval-interval must be >= 0, got {self.eval_interval}")
         _require(self.recompute_granularity in (None, "full"),
                  f"--recompute-granularity must be 'full' (whole layers), got {self.recompute_granularity!r}")
-        for name in ("save_interval", "exit_interval"):
+        for name in ("save_interval", "exit_interval", "keep_last_checkpoints", "exit_duration_in_mins"):
             if getattr(self, name) is not None:
                 _positive(self, name)
 
 
 @dataclass
 class DataConfig:
-    """Training data and tokenizer."""
+    """Training data and tokenizer (Megatron's data flags; samoe_dist/data has the pipeline)."""
 
-    data_path: Optional[list] = doc("Tokenized corpus (a .jsonl to tokenize, or a prepared token file).", default=None)
-    split: str = doc("Train/valid/test proportions, Megatron style ('969,30,1').", default="969,30,1")
+    data_path: Optional[list] = doc("Megatron indexed dataset: one prefix (PREFIX.bin/.idx from tools/preprocess_data.py) or a weighted blend 'W1 PREFIX1 W2 PREFIX2 ...'; a .jsonl or text file is also accepted and preprocessed once into --data-cache-path.", default=None)
+    split: str = doc("Train/valid/test proportions of each dataset's documents, Megatron style ('969,30,1').", default="969,30,1")
+    tokenizer_type: Optional[str] = doc("'SentencePieceTokenizer' or 'GPT2BPETokenizer' (default: SentencePiece with --tokenizer-model, GPT-2 BPE with --vocab-file).", default=None)
     tokenizer_model: Optional[str] = doc("SentencePiece model file (tools/train_tokenizer.py makes one).", default=None)
-    data_cache_path: Optional[str] = doc("Where tokenized caches go (default: next to the data).", default=None)
+    vocab_file: Optional[str] = doc("GPT-2 BPE vocab.json (GPT2BPETokenizer, with --merge-file).", default=None)
+    merge_file: Optional[str] = doc("GPT-2 BPE merges.txt (GPT2BPETokenizer, with --vocab-file).", default=None)
+    data_cache_path: Optional[str] = doc("Folder for the dataset index caches and for .jsonl corpora preprocessed on the fly (default: index_cache/ next to the first dataset; the .jsonl's own folder).", default=None)
+    eod_mask_loss: bool = doc("Leave end-of-document tokens out of the loss (loss_mask 0 there).", default=False)
 
     def __post_init__(self) -> None:
         parts = self.split.replace("/", ",").split(",")
@@ -222,6 +228,34 @@ class DataConfig:
             raise ConfigError(f"--split must be comma-separated numbers like '969,30,1', got {self.split!r}") from None
         _require(len(weights) <= 3 and all(w >= 0 for w in weights) and sum(weights) > 0,
                  f"--split must be up to 3 non-negative numbers with a positive sum, got {self.split!r}")
+        from samoe_dist.data.tokenizers import TokenizerSpec
+
+        TokenizerSpec(self.tokenizer_type, self.tokenizer_model, self.vocab_file, self.merge_file).check()
+        self.blend()
+
+    def blend(self) -> tuple[list, Optional[list]]:
+        """--data-path as (paths, weights): weights is None for one path or an unweighted list."""
+        paths = list(self.data_path or [])
+        numbers = [self._number(p) for p in paths]
+        if len(paths) >= 2 and len(paths) % 2 == 0 and all(n is not None for n in numbers[0::2]):
+            weights = numbers[0::2]
+            _require(all(0 < w < float("inf") for w in weights),
+                     f"--data-path weights must be positive numbers, got {paths[0::2]}")
+            _require(all(n is None for n in numbers[1::2]),
+                     f"--data-path {' '.join(paths)}: expected 'W1 PREFIX1 W2 PREFIX2 ...' with prefixes after "
+                     f"the weights")
+            return paths[1::2], weights
+        _require(all(n is None for n in numbers),
+                 f"--data-path {' '.join(paths)}: a weight must be followed by its prefix "
+                 f"('W1 PREFIX1 W2 PREFIX2 ...'), or give prefixes only")
+        return paths, None
+
+    @staticmethod
+    def _number(text: str) -> Optional[float]:
+        try:
+            return float(text)
+        except ValueError:
+            return None
 
 
 @dataclass

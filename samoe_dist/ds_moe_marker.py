@@ -4,9 +4,12 @@ DeepSpeed decides whether to reduce expert parameters over the expert-data-paral
 give ZeRO its expert groups) by looking for instances of its own ``deepspeed.moe.layer.MoE`` among
 the model's modules; megatron-core's ``MoELayer`` is not one, and without the flag the engine
 silently skips the reduction of ``allreduce = False`` parameters. This parameter-free marker is
-that signal: it holds no weights (so DeepSpeed's expert checkpoint files stay empty) and never runs.
-It is attached only for standard-MoE layers with EP > 1; SaMoE has no expert-parallel parameters
-(its pool is replicated and reduced like a dense parameter).
+that signal: it holds no weights and never runs. DeepSpeed's checkpointing of such a model writes
+and later reads one file per (MoE layer, global expert); the marker gives it one tiny placeholder
+buffer per local expert for that, so DeepSpeed's own MoE save/load path (which keeps each
+expert-parallel rank's optimizer state) works unchanged. The real expert weights are checkpointed by
+samoe_dist.checkpoint. It is attached only for standard-MoE layers with EP > 1; SaMoE has no
+expert-parallel parameters (its pool is replicated and reduced like a dense parameter).
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ class ExpertParallelMarker(MoE):
         self.expert_group_name = f"ep_size_{ep_size}"
         self.num_experts = num_experts
         self.num_local_experts = num_experts // ep_size
+        # state-dict keys "deepspeed_moe.experts.deepspeed_experts.<i>.expert_slot", as DeepSpeed's MoE
+        self.deepspeed_moe = torch.nn.Module()
+        self.deepspeed_moe.experts = torch.nn.Module()
+        self.deepspeed_moe.experts.deepspeed_experts = torch.nn.ModuleList(
+            [_ExpertSlot() for _ in range(self.num_local_experts)])
 
     def forward(self, *args, **kwargs):  # pragma: no cover - never called
         raise RuntimeError("ExpertParallelMarker is a marker for DeepSpeed's engine, not a layer")
@@ -38,3 +46,11 @@ class ExpertParallelMarker(MoE):
         if self.expert_group_name not in groups._get_expert_parallel_group_dict():
             raise RuntimeError(f"DeepSpeed expert group {self.expert_group_name} was not created: "
                                "call samoe_dist.parallel.init_distributed before building the engine")
+
+
+class _ExpertSlot(torch.nn.Module):
+    """One placeholder per local expert for DeepSpeed's per-expert checkpoint files."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("expert_slot", torch.zeros(1))

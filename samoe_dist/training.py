@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from samoe_dist import cpu_compat
+from samoe_dist import checkpoint, cpu_compat
 from samoe_dist.config import RunConfig, gradient_accumulation_steps, validate_layout
 from samoe_dist.data_adapter import TrainingData, build_training_data
 from samoe_dist.ds_config import build_ds_config, load_ds_config
@@ -75,6 +76,8 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.last_grad_norm = float("nan")
+        self._start_time = time.time()
+        self._sigterm = SigtermFlag()
         self.metrics = MetricsWriter(self.groups.is_main, tr.metrics_file, tr.tensorboard_dir)
         if tr.load:
             self.load_checkpoint(tr.load)
@@ -180,23 +183,21 @@ class Trainer:
             self.metrics.write(rec)
             window.append(rec)
             if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
-                logger.info(iteration_line(_window_mean(window, time.time() - t_last, tokens_per_step), tr.train_iters))
-                for j, (frac, per_rank) in enumerate(zip(rec.get("expert_load", []),
-                                                         zip(*rec.get("expert_tokens_per_rank", [])))):
-                    ranks = " ".join(f"r{r}={[int(c) for c in counts]}" for r, counts in enumerate(per_rank))
-                    logger.info("   expert load, MoE layer %d: fraction %s | tokens per rank %s",
-                                j, "[" + " ".join(f"{x:.3f}" for x in frac) + "]", ranks)
+                self._log_window(window, time.time() - t_last, tokens_per_step)
                 window, t_last = [], time.time()
             if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.iteration < tr.train_iters:
                 self._log_validation(self.evaluate())
-            if tr.save and tr.save_interval and self.iteration % tr.save_interval == 0:
+            saved = bool(tr.save and tr.save_interval and self.iteration % tr.save_interval == 0)
+            if saved:
                 self.save_checkpoint(tr.save)
-            if tr.exit_interval and self.iteration % tr.exit_interval == 0 and self.iteration < tr.train_iters:
-                logger.info("exiting at iteration %d (--exit-interval %d)", self.iteration, tr.exit_interval)
-                if tr.save and not (tr.save_interval and self.iteration % tr.save_interval == 0):
+            reason = self._stop_reason()
+            if reason and self.iteration < tr.train_iters:
+                logger.info("stopping at iteration %d: %s", self.iteration, reason)
+                if tr.save and not saved:
                     self.save_checkpoint(tr.save)
+                self.metrics.write({"type": "exit", "iteration": self.iteration, "reason": reason})
                 self.metrics.close()
-                return {"type": "exit", "iteration": self.iteration}
+                return {"type": "exit", "iteration": self.iteration, "reason": reason}
         final_valid = self.evaluate()
         self._log_validation(final_valid, final=True)
         if tr.save and (not tr.save_interval or self.iteration % tr.save_interval != 0):
@@ -207,6 +208,33 @@ class Trainer:
         self.metrics.write(summary)
         self.metrics.close()
         return summary
+
+    def _log_window(self, window: list[dict], seconds: float, tokens_per_step: int) -> None:
+        rec = window[-1]
+        logger.info(iteration_line(_window_mean(window, seconds, tokens_per_step), self.cfg.training.train_iters))
+        for j, (frac, per_rank) in enumerate(zip(rec.get("expert_load", []),
+                                                 zip(*rec.get("expert_tokens_per_rank", [])))):
+            ranks = " ".join(f"r{r}={[int(c) for c in counts]}" for r, counts in enumerate(per_rank))
+            logger.info("   expert load, MoE layer %d: fraction %s | tokens per rank %s",
+                        j, "[" + " ".join(f"{x:.3f}" for x in frac) + "]", ranks)
+
+    def _stop_reason(self) -> Optional[str]:
+        """Why to stop now, agreed by all ranks: SIGTERM on any rank, --exit-duration-in-mins,
+        --exit-interval (None: go on)."""
+        tr = self.cfg.training
+        flags = torch.tensor([float(self._sigterm.received),
+                              float(bool(tr.exit_duration_in_mins)
+                                    and time.time() - self._start_time >= 60.0 * tr.exit_duration_in_mins)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flags = flags.to(self.engine.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            return "SIGTERM received"
+        if flags[1] > 0:
+            return f"--exit-duration-in-mins {tr.exit_duration_in_mins} reached"
+        if tr.exit_interval and self.iteration % tr.exit_interval == 0:
+            return f"--exit-interval {tr.exit_interval}"
+        return None
 
     def _expert_load(self) -> dict:
         """Tokens routed to each expert since the last log, per rank and as global fractions.
@@ -235,24 +263,28 @@ class Trainer:
         logger.info("-" * 100)
         self.metrics.write({"type": "valid", "iteration": self.iteration, "lm_loss": loss, "ppl": ppl})
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str) -> None:
-        tag = f"iter_{self.iteration:07d}"
-        self.engine.save_checkpoint(save_dir, tag=tag, client_state={
-            "iteration": self.iteration, "consumed_samples": self.consumed_samples,
-            "config": self.cfg.to_dict()})
+        tag = checkpoint.save(self, save_dir, keep=self.cfg.training.keep_last_checkpoints)
         logger.info("saved checkpoint %s/%s", save_dir, tag)
 
     def load_checkpoint(self, load_dir: str) -> None:
-        if not os.path.isfile(os.path.join(load_dir, "latest")):
-            raise FileNotFoundError(f"--load {load_dir}: no 'latest' file there, so no checkpoint to resume; "
-                                    f"check the path or drop --load to start from scratch")
-        path, client = self.engine.load_checkpoint(load_dir)
-        if path is None:
-            raise FileNotFoundError(f"--load {load_dir}: DeepSpeed found no loadable checkpoint there")
-        self.iteration = int(client["iteration"])
-        self.consumed_samples = int(client["consumed_samples"])
-        logger.info("resumed from %s at iteration %d (%d samples consumed)", path, self.iteration, self.consumed_samples)
+        checkpoint.load(self, load_dir)
+
+
+class SigtermFlag:
+    """Records SIGTERM (what SLURM sends before preemption) so the loop can save and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.received = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (embedded use): no handler
+            pass
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        logger.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
 
 
 def _window_mean(window: list[dict], seconds: float, tokens_per_step: int) -> dict:

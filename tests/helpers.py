@@ -66,3 +66,18 @@ def tiny_model_args(tmp: Path, corpus, tokenizer, *extra: str) -> list[str]:
             "--data-path", str(corpus), "--tokenizer-model", str(tokenizer), "--data-cache-path", str(tmp),
             "--log-interval", "1", "--eval-interval", "0", "--eval-iters", "2", "--lr-warmup-iters", "1",
             *extra]
+
+
+def direct_env(**extra: str) -> dict:
+    """Environment of a single training process started without a launcher (rank 0 of 1)."""
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def start_direct(args: list[str], **extra_env: str) -> subprocess.Popen:
+    """Start `python pretrain_samoe.py ARGS` as one process (so a test can signal it)."""
+    return subprocess.Popen([sys.executable, str(REPO / "pretrain_samoe.py"), *args], cwd=REPO,
+                            env=direct_env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, stdin=subprocess.DEVNULL)

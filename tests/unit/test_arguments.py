@@ -17,18 +17,18 @@ REPO = Path(__file__).resolve().parents[2]
 FROZEN_FLAGS = [
     "--adam-beta1", "--adam-beta2", "--adam-eps", "--attention-dropout", "--bf16", "--clip-grad",
     "--data-cache-path", "--data-path", "--deepscale", "--deepscale_config", "--deepspeed",
-    "--deepspeed_config", "--ds-config", "--ds_config", "--eval-interval", "--eval-iters",
-    "--exit-interval", "--expert-model-parallel-size", "--ffn-hidden-size", "--global-batch-size", "--help",
-    "--hidden-dropout", "--hidden-size", "--init-method-std", "--load", "--local-rank", "--local_rank",
+    "--deepspeed_config", "--ds-config", "--ds_config", "--eod-mask-loss", "--eval-interval", "--eval-iters",
+    "--exit-duration-in-mins", "--exit-interval", "--expert-model-parallel-size", "--ffn-hidden-size", "--global-batch-size", "--help",
+    "--hidden-dropout", "--hidden-size", "--init-method-std", "--keep-last-checkpoints", "--load", "--local-rank", "--local_rank",
     "--log-interval", "--lr", "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-iters",
-    "--max-position-embeddings", "--metrics-file", "--micro-batch-size", "--min-lr",
+    "--max-position-embeddings", "--merge-file", "--metrics-file", "--micro-batch-size", "--min-lr",
     "--moe-aux-loss-coeff", "--moe-expert-capacity-factor", "--moe-ffn-hidden-size", "--moe-layer-freq",
     "--moe-router-pre-softmax", "--moe-router-topk", "--moe-token-dispatcher-type", "--moe-z-loss-coeff",
     "--no-moe-router-pre-softmax", "--normalization", "--num-attention-heads", "--num-experts",
     "--num-layers", "--position-embedding-type", "--recompute-granularity", "--samoe-init", "--samoe-init-noise",
     "--samoe-init-peak", "--samoe-pool-size", "--samoe-temperature", "--samoe-top-m", "--save",
     "--save-interval", "--seed", "--seq-length", "--split", "--swiglu", "--tensorboard-dir",
-    "--tokenizer-model", "--train-iters", "--untie-embeddings-and-output-weights", "--vocab-size",
+    "--tokenizer-model", "--tokenizer-type", "--train-iters", "--untie-embeddings-and-output-weights", "--vocab-file", "--vocab-size",
     "--weight-decay",
 ]
 

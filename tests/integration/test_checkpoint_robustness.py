@@ -1,0 +1,108 @@
+"""Checkpoint safety: a kill during a save, SIGTERM, a NaN loss, a mismatched --load, pruning."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from tests.helpers import read_metrics, run_launcher, start_direct, tiny_model_args
+
+SAMOE = ["--num-experts", "4", "--samoe-pool-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4",
+         "--lr", "3e-3", "--eval-iters", "1"]
+
+
+def _args(tmp, corpus, tok, *extra):
+    return tiny_model_args(tmp, corpus, tok, *SAMOE, *extra)
+
+
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_corpus):
+    ckpt = tmp_path / "ckpt"
+    args = _args(tmp_path, *tiny_corpus, "--train-iters", "6", "--save", str(ckpt), "--save-interval", "2")
+    proc = start_direct(args, SAMOE_FAULT_KILL_IN_SAVE="4")  # killed inside the save of iteration 4
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert (ckpt / "latest").read_text() == "iter_0000002"
+    assert (ckpt / "iter_0000004.partial").is_dir() and not (ckpt / "iter_0000004").exists()
+    # the previous checkpoint loads and training continues from it; the next save replaces the debris
+    metrics = tmp_path / "resumed.jsonl"
+    proc = start_direct(_args(tmp_path, *tiny_corpus, "--train-iters", "6", "--save", str(ckpt),
+                              "--save-interval", "2", "--load", str(ckpt), "--metrics-file", str(metrics)))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert [r["iteration"] for r in read_metrics(metrics, "train")] == [3, 4, 5, 6]
+    assert (ckpt / "latest").read_text() == "iter_0000006"
+    assert not (ckpt / "iter_0000004.partial").exists() and (ckpt / "iter_0000004" / "model.safetensors").is_file()
+
+
+def test_sigterm_saves_then_exits(tmp_path, tiny_corpus):
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    proc = start_direct(_args(tmp_path, *tiny_corpus, "--train-iters", "100000", "--save", str(ckpt),
+                              "--metrics-file", str(metrics)))
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and '"type": "train"' in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    exit_rec = read_metrics(metrics, "exit")[-1]
+    assert exit_rec["reason"] == "SIGTERM received"
+    tag = (ckpt / "latest").read_text()
+    assert tag == f"iter_{exit_rec['iteration']:07d}"
+    assert json.loads((ckpt / tag / "client_state.json").read_text())["iteration"] == exit_rec["iteration"]
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path, tiny_corpus):
+    ckpt = tmp_path / "ckpt"
+    # an absurd learning rate: the first update sends the weights to ~1e30 and the loss to inf/NaN
+    proc = start_direct(_args(tmp_path, *tiny_corpus, "--train-iters", "5", "--lr", "1e30", "--min-lr", "0",
+                              "--lr-warmup-iters", "0", "--clip-grad", "0", "--save", str(ckpt),
+                              "--save-interval", "1"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    errors = [line for line in out.splitlines() if "pretrain_samoe.py: error:" in line]
+    assert len(errors) == 1 and "at iteration 2" in errors[0] and "checkpoint" in errors[0], out[-2000:]
+    assert (ckpt / "latest").read_text() == "iter_0000001"  # the last good one
+
+
+def test_keep_last_checkpoints_and_exit_duration(tmp_path, tiny_corpus):
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "5", "--save", str(ckpt),
+                                "--save-interval", "1", "--keep-last-checkpoints", "2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == ["iter_0000004", "iter_0000005"]
+    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "1000", "--exit-duration-in-mins", "0.0001",
+                                "--metrics-file", str(metrics)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert read_metrics(metrics, "exit")[-1]["reason"].startswith("--exit-duration-in-mins")
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--hidden-size", "64"], "--hidden-size: checkpoint 32, now 64"),
+    (["--samoe-pool-size", "3"], "--samoe-pool-size: checkpoint 2, now 3"),
+    (["--expert-model-parallel-size", "1", "--num-experts", "4"], None),  # same model: loads
+])
+def test_load_checks_the_model_config(tmp_path, tiny_corpus, change, message):
+    ckpt = tmp_path / "ckpt"
+    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt), *change))
+    if message is None:
+        assert run.returncode == 0, run.stderr[-3000:]
+        return
+    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    assert run.returncode != 0 and len(errors) == 1 and message in errors[0], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+
+
+def test_load_refuses_another_layout_naming_the_converter(tmp_path, tiny_corpus):
+    ckpt = tmp_path / "ckpt"
+    run = run_launcher(2, _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt),
+                                "--expert-model-parallel-size", "2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt)))
+    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
+    assert "expert-parallel size 2" in errors[0] and "tools/convert_checkpoint.py reshard" in errors[0]
