@@ -23,6 +23,7 @@ setup(
         "numpy==2.3.5",
         "tqdm==4.67.1",
         "safetensors==0.6.2",
+        "matplotlib==3.11.2",  # tools/plot_metrics.py
     ],
     extras_require={
         "dev": ["pytest==8.4.2"],

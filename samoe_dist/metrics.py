@@ -69,14 +69,25 @@ class MetricsWriter:
             step = record.get("iteration", 0)
             prefix = record.get("type", "train")
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("iteration",) and math.isfinite(value):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
-                elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-                    for i, v in enumerate(value):
-                        self._tb.add_scalar(f"{prefix}/{key}/{i}", v, step)
+                for tag, scalar in _scalars(f"{prefix}/{key}", value):
+                    self._tb.add_scalar(tag, scalar, step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _scalars(tag: str, value, depth: int = 0):
+    """(tag, number) pairs of a record value: numbers, and per-layer lists (``tag/layer<i>``) or
+    per-layer-per-expert lists of lists (``tag/layer<i>/expert<j>``). Deeper values (per-rank
+    token counts) stay in the metrics file only."""
+    if isinstance(value, bool) or tag.endswith("/iteration"):
+        return
+    if isinstance(value, (int, float)):
+        if math.isfinite(value):
+            yield tag, value
+    elif isinstance(value, list) and depth < 2 and not tag.endswith("_per_rank"):
+        for i, item in enumerate(value):
+            yield from _scalars(f"{tag}/{'layer' if depth == 0 else 'expert'}{i}", item, depth + 1)

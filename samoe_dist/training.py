@@ -80,7 +80,11 @@ class Trainer:
         self._sigterm = SigtermFlag()
         self.metrics = MetricsWriter(self.groups.is_main, tr.metrics_file, tr.tensorboard_dir)
         if tr.load:
-            self.load_checkpoint(tr.load)
+            if tr.load == tr.save and not os.path.isfile(os.path.join(tr.load, "latest")):
+                # --save DIR --load DIR is the resume-or-start pattern of preemptible jobs
+                logger.info("no checkpoint in %s yet: starting from scratch", tr.load)
+            else:
+                self.load_checkpoint(tr.load)
 
     # -- steps -------------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:

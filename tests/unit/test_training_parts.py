@@ -92,3 +92,25 @@ def test_metrics_file_and_iteration_line(tmp_path):
     silent = MetricsWriter(False, str(tmp_path / "other.jsonl"), None)
     silent.write(rec)
     assert not (tmp_path / "other.jsonl").exists()  # ranks other than 0 write nothing
+
+
+def test_tensorboard_gets_losses_loads_and_entropies(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    w = MetricsWriter(True, None, str(tmp_path))
+    w.write({"type": "train", "iteration": 5, "lm_loss": 2.0, "load_balancing_loss": 0.01, "z_loss": 0.001,
+             "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec": 123.0,
+             "expert_load": [[0.25, 0.75], [0.5, 0.5]], "expert_tokens_per_rank": [[[1, 3], [2, 2]]],
+             "combination_entropy_per_layer": [0.3, 0.4], "combination_entropy": 0.35})
+    w.write({"type": "valid", "iteration": 5, "lm_loss": 2.1, "ppl": 8.17})
+    w.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/lm_loss", "train/load_balancing_loss", "train/z_loss", "train/lr", "train/grad_norm",
+                "train/tokens_per_sec", "train/expert_load/layer1/expert0", "train/combination_entropy",
+                "train/combination_entropy_per_layer/layer0", "valid/lm_loss", "valid/ppl"):
+        assert tag in tags, tag
+    assert acc.Scalars("train/expert_load/layer0/expert1")[0].value == 0.75
+    assert acc.Scalars("train/expert_load/layer0/expert1")[0].step == 5
+    assert not any("per_rank" in t for t in tags)

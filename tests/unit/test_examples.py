@@ -1,0 +1,74 @@
+"""Every example config parses, and every launch script's argument list goes through the real
+argument parser and layout check (DRY_RUN=1 prints the list instead of launching)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from samoe_dist.arguments import parse_args
+from samoe_dist.config import validate_layout
+from samoe_dist.ds_config import build_ds_config
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = ["examples/pretrain_gpt.sh", "examples/slurm/pretrain_deepspeed.sbatch",
+           "examples/slurm/pretrain_torchrun.sbatch", "examples/slurm/pretrain_srun.sbatch"]
+WORLD = 64  # the templates' 8 nodes x 8 GPUs
+
+
+def _dry_run(script: str, **env: str) -> list[str]:
+    out = subprocess.run(["bash", script], cwd=REPO, env=dict(os.environ, DRY_RUN="1", **env),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "examples").glob("*.json")))
+def test_ds_configs_parse_and_merge(path):
+    user = json.loads((REPO / path).read_text())
+    cfg, _ = parse_args(["--micro-batch-size", "2", "--global-batch-size", "8"])
+    validate_layout(cfg, 2)
+    ds = build_ds_config(cfg, user, dp_size=2)
+    assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["stage"] in (0, 1, 2)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("size", ["350m", "1.3b"])
+@pytest.mark.parametrize("kind", ["samoe", "moe", "dense"])
+def test_launch_scripts_arguments(script, size, kind):
+    argv = _dry_run(script, SIZE=size, KIND=kind)
+    cfg, ds = parse_args(argv)
+    assert validate_layout(cfg, WORLD) == WORLD
+    assert (REPO / ds).is_file()
+    assert cfg.kind == kind and cfg.training.bf16
+    assert cfg.model.hidden_size == {"350m": 1024, "1.3b": 2048}[size] and cfg.model.num_layers == 24
+    if kind != "dense":
+        assert cfg.moe.num_experts == 128 and cfg.moe_layer_indices() == list(range(0, 24, 2))
+        assert cfg.parallel.expert_model_parallel_size == 8
+    if kind == "samoe":
+        assert cfg.samoe.samoe_pool_size == 256  # 12 x 128 = 1536 layer experts from 256: 6x fewer
+    assert cfg.training.save == cfg.training.load  # resume-or-start on preemption
+
+
+def test_pool_sweep_covers_pools_twin_and_dense():
+    lines = _dry_run("examples/sweep_pool.sh", SIZE="350m")
+    runs, current = [], []
+    for line in lines:
+        if line == "--ds_config" and current:
+            runs.append(current)
+            current = []
+        current.append(line)
+    runs.append(current)
+    cfgs = [parse_args(r)[0] for r in runs]
+    assert [c.kind for c in cfgs] == ["samoe", "samoe", "samoe", "moe", "dense"]
+    assert [c.samoe.samoe_pool_size for c in cfgs[:3]] == [128, 256, 512]
+    assert len({c.training.save for c in cfgs}) == 5  # one run directory each
+
+
+@pytest.mark.parametrize("script", SCRIPTS[1:] + ["examples/pretrain_gpt.sh", "examples/sweep_pool.sh"])
+def test_scripts_are_valid_bash(script):
+    assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0
