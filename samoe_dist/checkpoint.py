@@ -233,9 +233,27 @@ def load(trainer, load_dir: str) -> None:
                             os.path.join(tag_dir, WEIGHTS))
     if weights_only:
         _sync_optimizer_masters(trainer)
+        source = saved.get("converted_from", {})
+        if "iteration" in source and "consumed_samples" in source:
+            # a resharded training checkpoint: continue its data stream and LR schedule
+            _continue_from(trainer, int(source["iteration"]), int(source["consumed_samples"]))
     logger.info("loaded %s%s at iteration %d (%d samples consumed)", tag_dir,
                 " (weights only, fresh optimizer)" if weights_only else "", trainer.iteration,
                 trainer.consumed_samples)
+
+
+def _continue_from(trainer, iteration: int, consumed_samples: int) -> None:
+    """Set the counters of a weights-only load and move the LR schedule to that iteration."""
+    import warnings
+
+    trainer.iteration = iteration
+    trainer.consumed_samples = consumed_samples
+    sched = trainer.engine.lr_scheduler
+    if sched is not None and iteration > 0:
+        sched.last_epoch = iteration - 1
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended
+            warnings.simplefilter("ignore")
+            sched.step()
 
 
 def _sync_optimizer_masters(trainer) -> None:

@@ -1,0 +1,72 @@
+"""Convert samoe checkpoints: to another parallel layout, to a plain PyTorch model, and back.
+
+    # weights-only copy of the newest checkpoint, loadable at any EP size / world size
+    python tools/convert_checkpoint.py reshard --load runs/a/ckpt --save runs/a/ckpt_ep1 \\
+        [--expert-model-parallel-size 1 --world-size 1]
+    # the plain model (samoe_dist/export/plain_gpt.py): model.safetensors + model.json
+    python tools/convert_checkpoint.py export --load runs/a/ckpt --output exported/model.safetensors
+    # a plain model back into a weights-only training checkpoint (then: pretrain_samoe.py --load ...)
+    python tools/convert_checkpoint.py import --input exported/model.safetensors --save runs/b/ckpt
+
+``--load`` takes a run's --save directory (its ``latest`` checkpoint) or one ``iter_*`` directory.
+A weights-only checkpoint resumes with a fresh optimizer at iteration 0; give the trainer the
+model flags the checkpoint was trained with (they are checked). Outputs are written under a
+temporary name and renamed when complete; existing outputs are never overwritten without
+``--overwrite`` (export) and --save must be a new or empty directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from samoe_dist.config import ConfigError  # noqa: E402
+from samoe_dist.export.convert import ConversionError, export, import_plain, reshard  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reshard", help="weights-only checkpoint for another expert-parallel size / world size")
+    r.add_argument("--load", required=True, help="a run's --save directory, or one iter_* directory in it")
+    r.add_argument("--save", required=True, help="new (or empty) directory for the weights-only checkpoint")
+    r.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="EP size of the run that will load it; must divide --num-experts (default 1)")
+    r.add_argument("--world-size", type=int, default=None,
+                   help="processes of the run that will load it; a multiple of the EP size (default: the EP size)")
+    e = sub.add_parser("export", help="plain PyTorch model files (samoe_dist/export/plain_gpt.py)")
+    e.add_argument("--load", required=True, help="a run's --save directory, or one iter_* directory in it")
+    e.add_argument("--output", required=True,
+                   help="X.safetensors (the config goes to X.json), or a directory (model.safetensors, model.json)")
+    e.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    i = sub.add_parser("import", help="a plain model back into a weights-only training checkpoint")
+    i.add_argument("--input", required=True, help="X.safetensors with X.json next to it, or their directory")
+    i.add_argument("--save", required=True, help="new (or empty) directory for the checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "reshard":
+            tag = reshard(args.load, args.save, args.expert_model_parallel_size, args.world_size)
+            print(f"wrote {tag} (weights only): --load {args.save}")
+        elif args.command == "export":
+            weights, config = export(args.load, args.output, overwrite=args.overwrite)
+            print(f"wrote {weights} and {config}")
+        else:
+            tag = import_plain(args.input, args.save)
+            print(f"wrote {tag} (weights only): --load {args.save}")
+    except (ConversionError, ConfigError, FileNotFoundError, OSError) as exc:
+        print(f"convert_checkpoint.py {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
