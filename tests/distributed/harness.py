@@ -25,7 +25,7 @@ def _snapshot(trainer) -> dict[str, torch.Tensor]:
     return {canonical_name(n, offset): p.detach().float().clone() for n, p in trainer.model.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, out_dir: str, probe) -> None:
+def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, probe, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -51,18 +51,17 @@ def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, out_d
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def run_world(world: int, argv: list[str], steps: int, out_dir: Path, probe=None, timeout: float = 300.0):
-    """Run ``world`` processes; returns the per-rank results (each rank's failure fails here)."""
+def _spawn(world: int, target, args: tuple, out_dir: Path, timeout: float) -> list[dict]:
+    """Start ``target(rank, world, port, *args, out_dir)`` in ``world`` processes; returns each rank's
+    saved result dict (any rank that failed or died fails here, with its traceback)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, argv, steps, str(out_dir), probe))
-             for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, str(out_dir))) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout)
-    for p in procs:
         if p.is_alive():
             p.kill()
     results = []
@@ -74,6 +73,11 @@ def run_world(world: int, argv: list[str], steps: int, out_dir: Path, probe=None
         assert p.exitcode == 0, f"rank {r} exited with {p.exitcode}"
         results.append(res)
     return results
+
+
+def run_world(world: int, argv: list[str], steps: int, out_dir: Path, probe=None, timeout: float = 300.0):
+    """Run the Trainer in ``world`` processes; returns the per-rank results."""
+    return _spawn(world, _worker, (argv, steps, probe), out_dir, timeout)
 
 
 def merged_params(results: list[dict], step: int) -> dict[str, torch.Tensor]:
@@ -107,22 +111,4 @@ def _fn_worker(rank: int, world: int, port: int, ep: int, fn, args, out_dir: str
 def run_fn(world: int, ep: int, fn, args: tuple, out_dir: Path, timeout: float = 300.0) -> list:
     """Run ``fn(groups, *args)`` on every rank of a gloo world with EP size ``ep``; returns the
     per-rank return values (any rank's exception fails here). ``fn`` must be importable."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_fn_worker, args=(r, world, port, ep, fn, args, str(out_dir)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-        if p.is_alive():
-            p.kill()
-    values = []
-    for r, p in enumerate(procs):
-        path = out_dir / f"rank{r}.pt"
-        assert path.exists(), f"rank {r} of {world} died (exit code {p.exitcode}) without a result"
-        res = torch.load(path, weights_only=False)
-        assert "error" not in res, f"rank {r} of {world} failed:\n{res['error']}"
-        values.append(res["value"])
-    return values
+    return [res["value"] for res in _spawn(world, _fn_worker, (ep, fn, args), out_dir, timeout)]
