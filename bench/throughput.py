@@ -1,0 +1,395 @@
+"""Training-step throughput and peak memory: dense, megatron MoE, DeepSpeed MoE and SaMoE.
+
+All four are megatron-core GPTs trained by the project's Trainer (DeepSpeed engine, the ds_config's
+ZeRO stage, ``train_step``) on synthetic random tokens, at the SAME active compute: same h, L, seq,
+micro batch; the MoEs have N experts of size f, top-k, in every layer; SaMoE builds them from a
+pool of P; the dense model's FFN is k*f wide (its FLOPs per token are the MoEs' minus the router).
+
+- ``moe``: megatron-core ``MoELayer`` (alltoall dispatcher, dropless, SequentialMLP experts)
+- ``dsmoe``: ``deepspeed.moe.layer.MoE`` in the MLP slot (``bench/ds_moe_adapter.py``; capacity
+  factor 1, so its padded experts run k*tokens rows like the others)
+- ``samoe``: megatron's MoELayer with SaMoE experts (``samoe_dist.samoe``)
+- ``dense``: megatron's MLP, f_dense = k*f
+
+Method: for each (EP, dtype) every system is one long-lived world (1 process with all cores as
+threads for EP=1; 2 gloo processes with one thread each for EP=2: 2x the tokens per step), started
+together and warmed up; then ``--rounds`` rounds, each running ``--steps-per-round`` timed steps of
+every system in turn (the order rotates each round). Step times are reported as median, min, max
+and quartiles over all timed steps; the ratios are per-round paired (``median step of moe in round
+r / median step of X in round r``), median and range over rounds, so machine-load drift cancels;
+``best_step_ratio`` (fastest moe step / fastest X step) is the estimate least affected by other
+processes on the machine, which only ever add time.
+A ``peak`` world in the same rounds times an n x n matmul with all cores: the MFU denominator.
+
+FLOPs per token (model FLOPs, PaLM's formula): 6 x active matmul parameters (attention 4h^2, the
+k active experts 2hf each, router hN, LM head hV; per layer) + 12 L h s (attention scores, not
+discounted for causality). SaMoE's materialisation is extra (hardware) work and not counted;
+``materialise_flops_fraction`` says how large it is: 8 (N/EP) P |E| per layer per step per rank.
+
+Memory, per system (max over ranks): ``peak_step_alloc_bytes`` is torch.profiler's allocator
+account of one train_step (``profile_memory``): the peak of the bytes allocated above the state at
+its start (activations, gradients, temporaries; the resting parameters and optimizer state are not
+in it), leaving out DeepSpeed's ZeRO gradient bucket (``reduce_bucket_size`` elements, 5e8 by
+default: a 2 GB buffer allocated and freed in every step by every system, mostly never touched),
+which ``peak_step_alloc_raw_bytes`` includes. ``rss_peak_bytes`` is the process's peak RSS
+(ru_maxrss: imports, parameters, optimizer state, allocator caching included);
+``rss_import_bytes`` the RSS after importing torch, megatron and DeepSpeed.
+
+Time breakdown: after the timed rounds, ``--profile-steps`` more steps per system under
+torch.profiler, with ranges added around the model's parts from outside the package
+(``bench/step_breakdown.py`` lists them and how time is attributed); medians over those steps.
+
+Output: JSON lines on stdout (and ``--output``): ``config``; per (EP, dtype) ``peak``, one
+``result`` per system, ``ratio`` records (every system over moe; ``headline`` marks samoe/moe);
+``summary``. ``--markdown`` writes the report (bench/throughput_report.py), which ``--report-from``
+re-renders from an earlier run's JSON lines.
+
+glibc: every world gets ``MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4294967296`` (large
+buffers, SaMoE's one [T*k, f] buffer per layer in particular, are otherwise mmap'ed and page-faulted
+afresh every step, see bench/memory_samoe.py); with ``--malloc-compare`` (default) the first
+(EP, dtype) group also runs moe and samoe without it, so the effect on the ratio is visible.
+
+    .venv/bin/python bench/throughput.py [--quick] [--systems dense,moe,dsmoe,samoe] [--ep 1,2]
+        [--dtypes fp32,bf16] [--rounds R] [--output results.jsonl] [--markdown results.md]
+    .venv/bin/python bench/throughput.py --report-from results.jsonl --markdown results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from throughput_report import load_run, markdown
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "bench", "throughput_worker.py")
+SYSTEMS = ("dense", "moe", "dsmoe", "samoe")
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+# shape and schedule: default mode (~10-15 min on 2 cores) and --quick (< 3 min)
+PRESETS = {
+    "default": dict(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=1024, num_experts=8,
+                    moe_router_topk=2, samoe_pool_size=16, seq_length=256, micro_batch_size=8, vocab_size=2048,
+                    rounds=6, steps_per_round=3, warmup=4, matmul_size=2048, profile_steps=2),
+    "quick": dict(num_layers=2, hidden_size=64, num_attention_heads=2, ffn_hidden_size=128, num_experts=4,
+                  moe_router_topk=2, samoe_pool_size=4, seq_length=64, micro_batch_size=4, vocab_size=512,
+                  rounds=2, steps_per_round=2, warmup=2, matmul_size=512, profile_steps=1),
+}
+log = logging.getLogger("bench.throughput")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (< 3 min)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
+    p.add_argument("--ep", default="1,2", help="expert-parallel sizes (= processes) to run, e.g. 1,2")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    for name in PRESETS["default"]:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"default {PRESETS['default'][name]}, --quick {PRESETS['quick'][name]}")
+    p.add_argument("--ds-config", default=os.path.join(REPO, "examples", "ds_config_cpu.json"))
+    p.add_argument("--capacity-factor", type=float, default=1.0, help="DeepSpeed MoE's capacity factor")
+    p.add_argument("--matmul-reps", type=int, default=3, help="matmuls per peak measurement (best is kept)")
+    p.add_argument("--malloc-compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run moe and samoe without the glibc malloc settings (first group)")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="profiled steps for the time breakdown and the allocator peak")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one reply of a worker")
+    p.add_argument("--output", help="also write the JSON lines here")
+    p.add_argument("--markdown", help="write a Markdown report here")
+    p.add_argument("--report-from", metavar="JSONL", help="only re-render the Markdown (--markdown) from the "
+                   "JSON lines of an earlier run")
+    a = p.parse_args(argv)
+    preset = PRESETS["quick" if a.quick else "default"]
+    for name, value in preset.items():
+        if getattr(a, name) is None:
+            setattr(a, name, value)
+    a.systems = [s for s in a.systems.split(",") if s]
+    a.eps = [int(e) for e in a.ep.split(",") if e]
+    a.dtype_list = [d for d in a.dtypes.split(",") if d]
+    bad = [s for s in a.systems if s not in SYSTEMS] + [d for d in a.dtype_list if d not in ("fp32", "bf16")]
+    if bad or not a.systems or any(e not in (1, 2) for e in a.eps):
+        p.error(f"unknown system/dtype {bad} or EP not in (1, 2): --systems from {SYSTEMS}, "
+                f"--dtypes from fp32,bf16, --ep from 1,2")
+    if a.warmup < 1 or a.rounds < 1 or a.steps_per_round < 1:
+        p.error("--warmup, --rounds and --steps-per-round must be >= 1")
+    if a.num_experts % max(a.eps) or a.samoe_pool_size < 1:
+        p.error(f"--num-experts {a.num_experts} must be divisible by every EP size {a.eps}")
+    return a
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
+    """The project's own flags for this system (pretrain_samoe.py's command line)."""
+    argv = ["--num-layers", a.num_layers, "--hidden-size", a.hidden_size,
+            "--num-attention-heads", a.num_attention_heads, "--seq-length", a.seq_length,
+            "--micro-batch-size", a.micro_batch_size, "--global-batch-size", a.micro_batch_size * world,
+            "--train-iters", 10 ** 6, "--vocab-size", a.vocab_size, "--ds_config", a.ds_config]
+    if system == "dense":
+        argv += ["--ffn-hidden-size", a.moe_router_topk * a.ffn_hidden_size]
+    else:
+        argv += ["--ffn-hidden-size", a.ffn_hidden_size, "--num-experts", a.num_experts,
+                 "--moe-router-topk", a.moe_router_topk, "--expert-model-parallel-size", ep]
+    if system == "samoe":
+        argv += ["--samoe-pool-size", a.samoe_pool_size]
+    if dtype == "bf16":
+        argv.append("--bf16")
+    return [str(x) for x in argv]
+
+
+class World:
+    """The processes of one benchmarked (system, EP, dtype), answering JSON commands."""
+
+    def __init__(self, a, name: str, system: str, ep: int, dtype: str, malloc_env: bool, log_dir: str):
+        self.name, self.system, self.ep, self.dtype, self.malloc_env = name, system, ep, dtype, malloc_env
+        self.size = 1 if system == "peak" else ep
+        self.timeout = a.timeout
+        threads = _cores() if system == "peak" else max(1, _cores() // self.size)
+        self.threads = threads
+        env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+        env.update(PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "bench"), env.get("PYTHONPATH", "")]),
+                   OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        if malloc_env:
+            env.update(MALLOC_ENV)
+        port = _free_port()
+        self.procs, self.logs, self.queues = [], [], []
+        for rank in range(self.size):
+            spec = dict(system=system, rank=rank, world=self.size, port=port, threads=threads, dtype=dtype,
+                        argv=trainer_argv(a, system, ep, self.size, dtype), warmup=a.warmup,
+                        capacity_factor=a.capacity_factor, hidden_size=a.hidden_size,
+                        ffn_hidden_size=a.ffn_hidden_size, matmul_size=a.matmul_size, matmul_reps=a.matmul_reps)
+            path = os.path.join(log_dir, f"{name.replace('/', '_')}_ep{ep}_{dtype}_rank{rank}.log")
+            logf = open(path, "w")
+            proc = subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=logf, text=True, env=env, cwd=REPO)
+            q: queue.Queue = queue.Queue()
+            threading.Thread(target=_pump, args=(proc.stdout, q), daemon=True).start()
+            self.procs.append(proc)
+            self.logs.append(path)
+            self.queues.append(q)
+
+    def send(self, cmd: dict) -> None:
+        for proc in self.procs:
+            proc.stdin.write(json.dumps(cmd) + "\n")
+            proc.stdin.flush()
+
+    def recv(self) -> list[dict]:
+        """One reply from every rank (rank order); a dead or silent worker raises with its log."""
+        replies = []
+        for rank, q in enumerate(self.queues):
+            try:
+                line = q.get(timeout=self.timeout)
+            except queue.Empty:
+                line = None
+            if not line:
+                raise RuntimeError(f"{self.name} EP={self.ep} {self.dtype} rank {rank} gave no reply "
+                                   f"(exit code {self.procs[rank].poll()}); end of its log "
+                                   f"{self.logs[rank]}:\n{_tail(self.logs[rank])}")
+            replies.append(json.loads(line))
+        return replies
+
+    def ask(self, cmd: dict) -> list[dict]:
+        self.send(cmd)
+        return self.recv()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                if proc.poll() is None:
+                    proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                    proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _pump(stream, q: queue.Queue) -> None:
+    for line in stream:
+        if line.startswith("{"):
+            q.put(line)
+    q.put("")  # end of stream: the worker exited
+
+
+def _tail(path: str, n: int = 30) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
+
+
+# -- statistics and FLOPs ------------------------------------------------------------------------
+def spread(values: list[float]) -> dict:
+    v = sorted(values)
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "q1": q[0], "q3": q[2], "n": len(v)}
+
+
+def flops_per_token(a, system: str) -> float:
+    """Model FLOPs per token, forward + backward (see module docstring)."""
+    h, L = a.hidden_size, a.num_layers
+    expert = 2 * h * a.ffn_hidden_size
+    mlp = a.moe_router_topk * expert + (0 if system == "dense" else h * a.num_experts)
+    return 6.0 * (L * (4 * h * h + mlp) + h * a.vocab_size) + 12.0 * L * h * a.seq_length
+
+
+def materialise_flops_per_step(a, ep: int) -> float:
+    """SaMoE's extra FLOPs per step and rank: 8 GEMMs of (N/EP) x P x h*f per layer (forward W1, W2;
+    backward their recomputation, and dW -> dW_pool and dA for each)."""
+    return 8 * 2.0 * (a.num_experts // ep) * a.samoe_pool_size * a.hidden_size * a.ffn_hidden_size * a.num_layers
+
+
+# -- one (EP, dtype) group -----------------------------------------------------------------------
+def run_group(a, ep: int, dtype: str, with_malloc_compare: bool, log_dir: str, emit) -> dict:
+    specs = [(s, s, True) for s in a.systems] + [("peak", "peak", True)]
+    if with_malloc_compare:
+        specs += [(f"{s}/no-malloc-env", s, False) for s in ("moe", "samoe") if s in a.systems]
+    log.info("EP=%d %s: starting %s", ep, dtype, ", ".join(n for n, _, _ in specs))
+    worlds = {}
+    try:
+        for name, system, malloc in specs:
+            worlds[name] = World(a, name, system, ep, dtype, malloc, log_dir)
+        ready = {name: w.recv() for name, w in worlds.items()}
+        names = list(worlds)
+        per_round: dict[str, list[list[float]]] = {n: [] for n in names}
+        for r in range(a.rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for name in order:
+                w = worlds[name]
+                if w.system == "peak":
+                    per_round[name].append([w.ask({"cmd": "run"})[0]["gflops"]])
+                    continue
+                replies = w.ask({"cmd": "run", "steps": a.steps_per_round})
+                per_round[name].append([max(ts) for ts in zip(*(rep["step_s"] for rep in replies))])
+            log.info("EP=%d %s: round %d/%d done", ep, dtype, r + 1, a.rounds)
+        profiles = {}
+        if a.profile:
+            for name, w in worlds.items():
+                if w.system != "peak":
+                    profiles[name] = w.ask({"cmd": "profile", "steps": a.profile_steps})
+    finally:
+        for w in worlds.values():
+            w.close()
+    return summarise_group(a, ep, dtype, worlds, ready, per_round, profiles, emit)
+
+
+def summarise_group(a, ep, dtype, worlds, ready, per_round, profiles, emit) -> dict:
+    peak_gflops = spread([x for rnd in per_round["peak"] for x in rnd])
+    emit({"type": "peak", "ep": ep, "dtype": dtype, "matmul_size": a.matmul_size,
+          "threads": worlds["peak"].threads, "gflops": peak_gflops})
+    results = {}
+    for name, w in worlds.items():
+        if w.system == "peak":
+            continue
+        steps = [t for rnd in per_round[name] for t in rnd]
+        st = spread(steps)
+        tokens = a.micro_batch_size * a.seq_length * w.size
+        fpt = flops_per_token(a, w.system)
+        rec = {"type": "result", "system": w.system, "name": name, "ep": ep, "dtype": dtype,
+               "processes": w.size, "threads_per_process": w.threads, "malloc_env": w.malloc_env,
+               "tokens_per_step": tokens, "step_s": st,
+               "tokens_per_s": {"median": tokens / st["median"], "min": tokens / st["max"], "max": tokens / st["min"]},
+               "flops_per_token": fpt,
+               "mfu": {k: fpt * tokens / st[k2] / (peak_gflops["median"] * 1e9)
+                       for k, k2 in (("median", "median"), ("min", "max"), ("max", "min"))},
+               "params": ready[name][0].get("param_counts"), "losses_last_warmup": ready[name][0].get("losses"),
+               "memory": {"rss_import_bytes": max(r["rss_import_bytes"] for r in ready[name])}}
+        if w.system == "samoe":
+            rec["materialise_flops_fraction"] = materialise_flops_per_step(a, ep) / (fpt * tokens / w.size)
+            rec["grouped_mm"] = ready[name][0].get("grouped_mm")
+        if name in profiles:
+            prof = profiles[name]
+            rec["memory"].update({k: max(p[k] for p in prof) for k in (
+                "peak_step_alloc_bytes", "peak_step_alloc_raw_bytes", "rss_peak_bytes")})
+            rec["memory"]["zero_reduce_bucket_elements"] = prof[0]["zero_reduce_bucket_elements"]
+            rec["breakdown"] = prof[0]["breakdown"]
+            rec["breakdown_ms"] = {k: round(v, 3) for k, v in prof[0]["breakdown_ms"].items()}
+            rec["breakdown_top_ops"] = prof[0]["top_ops"]
+            rec["profiled_step_ms"] = prof[0]["profiled_step_ms"]
+        emit(rec)
+        results[name] = rec
+    ratios = []
+    pairs = [("moe", n) for n in results if n != "moe" and "/" not in n]
+    pairs += [("moe/no-malloc-env", "samoe/no-malloc-env"), ("samoe/no-malloc-env", "samoe"), ("moe/no-malloc-env", "moe")]
+    for base, other in pairs:  # tokens/s of `other` over `base`, paired per round
+        if base in results and other in results:
+            paired = [statistics.median(b) / statistics.median(o) for b, o in zip(per_round[base], per_round[other])]
+            rec = {"type": "ratio", "ep": ep, "dtype": dtype, "numerator": other, "denominator": base,
+                   "tokens_per_s_ratio": spread(paired),
+                   "best_step_ratio": results[base]["step_s"]["min"] / results[other]["step_s"]["min"],
+                   "headline": (other, base) == ("samoe", "moe")}
+            emit(rec)
+            ratios.append(rec)
+    return {"results": results, "ratios": ratios, "peak": peak_gflops}
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if a.report_from:
+        config, groups = load_run(a.report_from)
+        report = markdown(config, groups)
+        if a.markdown:
+            with open(a.markdown, "w") as f:
+                f.write(report)
+        else:
+            sys.stdout.write(report)
+        return
+    out = open(a.output, "w") if a.output else None
+
+    def emit(rec: dict) -> None:
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    config = {"type": "config", "mode": "quick" if a.quick else "default", "cores": _cores(),
+              "loadavg_start": round(os.getloadavg()[0], 2), "systems": a.systems, "ep": a.eps,
+              "dtypes": a.dtype_list, **{k: getattr(a, k) for k in PRESETS["default"]},
+              "capacity_factor": a.capacity_factor, "ds_config": os.path.relpath(a.ds_config, REPO),
+              "matmul_reps": a.matmul_reps, "malloc_env": MALLOC_ENV}
+    emit(config)
+    t0 = time.time()
+    groups = []
+    with tempfile.TemporaryDirectory(prefix="bench_throughput_") as log_dir:
+        first = True
+        for ep in a.eps:
+            for dtype in a.dtype_list:
+                groups.append(run_group(a, ep, dtype, a.malloc_compare and first, log_dir, emit))
+                first = False
+    config["loadavg_end"] = round(os.getloadavg()[0], 2)
+    headline = [r for g in groups for r in g["ratios"] if r["headline"]]
+    emit({"type": "summary", "wall_s": round(time.time() - t0, 1), "loadavg_end": config["loadavg_end"],
+          "samoe_over_moe_tokens_per_s": {f"ep{r['ep']}_{r['dtype']}": r["tokens_per_s_ratio"]["median"]
+                                          for r in headline}})
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(markdown(config, groups))
+    if out:
+        out.close()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    main()

@@ -1,0 +1,127 @@
+"""The Markdown report of bench/throughput.py, from its JSON records (also of an earlier run)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+from step_breakdown import CATEGORIES
+
+EXPERT_LABELS = ("router", "permute", "all-to-all", "experts", "expert GEMM", "materialize", "pool/A grad",
+                 "combination")
+
+
+def _best_ratio(group: dict, ratio: dict) -> float:
+    res = group["results"]
+    return res[ratio["denominator"]]["step_s"]["min"] / res[ratio["numerator"]]["step_s"]["min"]
+
+
+def _mib(x) -> str:
+    return "-" if x is None else f"{x / 2 ** 20:.0f}"
+
+
+def markdown(config: dict, groups: list[dict]) -> str:
+    """The Markdown report of one run (its config record and per-(EP, dtype) groups)."""
+    a = types.SimpleNamespace(**config)
+    lines = ["# Training-step throughput: dense, megatron MoE, DeepSpeed MoE, SaMoE", "",
+             f"Shape: L={a.num_layers} h={a.hidden_size} heads={a.num_attention_heads} f={a.ffn_hidden_size} "
+             f"N={a.num_experts} k={a.moe_router_topk} P={a.samoe_pool_size} (SaMoE) seq={a.seq_length} "
+             f"micro-batch={a.micro_batch_size} per rank, vocab={a.vocab_size}; dense f={a.moe_router_topk * a.ffn_hidden_size}; "
+             f"DeepSpeed MoE capacity factor {a.capacity_factor}; ds_config {a.ds_config}.",
+             f"Machine: {config['cores']} cores, load average {config['loadavg_start']} at start, "
+             f"{config['loadavg_end']} at end; {a.rounds} rounds x {a.steps_per_round} steps after {a.warmup} "
+             f"warm-up steps, systems interleaved round-robin. EP=2 is 2 gloo processes x "
+             f"{max(1, config['cores'] // 2)} thread(s), twice the tokens per step.", "",
+             "| EP | dtype | system | tokens/s (median) | step ms median [min, max] | tokens/s vs megatron MoE "
+             "(paired, median [min, max]) | MFU | peak step alloc MiB (profiler) | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        ratios = {r["numerator"]: r for r in g["ratios"] if r["denominator"] == "moe"}
+        for name, r in g["results"].items():
+            if "/" in name:
+                continue
+            st, rat = r["step_s"], ratios.get(name)
+            rtxt = "1 (peer)" if name == "moe" else (
+                f"{rat['tokens_per_s_ratio']['median']:.3f} [{rat['tokens_per_s_ratio']['min']:.3f}, "
+                f"{rat['tokens_per_s_ratio']['max']:.3f}]" if rat else "-")
+            mem = r["memory"]
+            lines.append(f"| {r['ep']} | {r['dtype']} | {name} | {r['tokens_per_s']['median']:.0f} | "
+                         f"{1e3 * st['median']:.0f} [{1e3 * st['min']:.0f}, {1e3 * st['max']:.0f}] | {rtxt} | "
+                         f"{100 * r['mfu']['median']:.1f}% | {_mib(mem.get('peak_step_alloc_bytes'))} | "
+                         f"{_mib(mem.get('rss_peak_bytes'))} |")
+    lines += ["", "## Headline: SaMoE / megatron MoE tokens/s (per-round paired ratios)", "",
+              "| EP | dtype | glibc malloc env | median | min | max | ratio of the best steps |",
+              "|---|---|---|---|---|---|---|"]
+    for g in groups:
+        for r in g["ratios"]:
+            pair = (r["numerator"], r["denominator"])
+            if pair in (("samoe", "moe"), ("samoe/no-malloc-env", "moe/no-malloc-env")):
+                t = r["tokens_per_s_ratio"]
+                env = "set" if pair[0] == "samoe" else "not set"
+                lines.append(f"| {r['ep']} | {r['dtype']} | {env} | {t['median']:.3f} | {t['min']:.3f} | "
+                             f"{t['max']:.3f} | {_best_ratio(g, r):.3f} |")
+    lines += ["", "Ratio of the best steps: fastest step of megatron MoE / fastest step of SaMoE over the "
+              "whole run; other processes on the machine only ever add time, so it is the estimate least "
+              "affected by their load."]
+    for g in groups:
+        for r in g["ratios"]:
+            if r["denominator"].endswith("no-malloc-env") and "/" not in r["numerator"]:
+                t = r["tokens_per_s_ratio"]
+                lines.append(f"\n{r['numerator']} with / without the malloc env (EP={r['ep']} {r['dtype']}): "
+                             f"{t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}], best steps {_best_ratio(g, r):.3f}")
+    lines += ["", "## Matmul peak (MFU denominator; all cores, best of "
+              f"{a.matmul_reps} {a.matmul_size}^3 matmuls per round)", "", "| EP group | dtype | GFLOP/s median [min, max] |",
+              "|---|---|---|"]
+    for g in groups:
+        p, any_r = g["peak"], next(iter(g["results"].values()))
+        lines.append(f"| {any_r['ep']} | {any_r['dtype']} | {p['median']:.1f} [{p['min']:.1f}, {p['max']:.1f}] |")
+    cats = list(CATEGORIES) + ["other"]
+    lines += ["", "## Step breakdown (torch.profiler, % of one profiled step, rank 0; ranges in "
+              "bench/step_breakdown.py)", "", "| EP | dtype | system | " + " | ".join(cats) + " |",
+              "|---|---|---|" + "---|" * len(cats)]
+    for g in groups:
+        for name, r in g["results"].items():
+            if "breakdown" in r and "/" not in name:
+                lines.append(f"| {r['ep']} | {r['dtype']} | {name} | " +
+                             " | ".join(f"{100 * r['breakdown'][c]:.1f}" for c in cats) + " |")
+    lines += ["", "## Expert-path time per step, ms (median of the profiled steps, rank 0; fwd / bwd)", ""]
+    for g in groups:
+        rs = {n: r for n, r in g["results"].items() if "/" not in n and "breakdown_ms" in r and n != "dense"}
+        if not rs:
+            continue
+        any_r = next(iter(rs.values()))
+        lines += [f"EP={any_r['ep']} {any_r['dtype']}:", "", "| label | " + " | ".join(rs) + " |",
+                  "|---|" + "---|" * len(rs)]
+        for label in EXPERT_LABELS:
+            cells = [f"{r['breakdown_ms'].get(label + ' (fwd)', 0):.1f} / {r['breakdown_ms'].get(label + ' (bwd)', 0):.1f}"
+                     for r in rs.values()]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("| profiled step | " + " | ".join(f"{r['profiled_step_ms']:.0f}" for r in rs.values()) + " |")
+        lines.append("")
+    samoe = [r for g in groups for n, r in g["results"].items() if n == "samoe"]
+    if samoe:
+        lines += ["", "SaMoE materialisation FLOPs / model FLOPs per step: " + ", ".join(
+            f"EP={r['ep']} {r['dtype']}: {100 * r['materialise_flops_fraction']:.1f}%" for r in samoe) +
+            f"; torch grouped GEMM used: {samoe[0].get('grouped_mm')}."]
+    return "\n".join(lines) + "\n"
+
+
+def load_run(path: str) -> tuple[dict, list[dict]]:
+    """(config, groups) of an earlier run from its JSON lines, for :func:`markdown`."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.startswith("{")]
+    config = next(r for r in records if r["type"] == "config")
+    summary = next((r for r in records if r["type"] == "summary"), {})
+    config.setdefault("loadavg_end", summary.get("loadavg_end", "?"))
+    config.setdefault("matmul_reps", 3)
+    groups: dict[tuple, dict] = {}
+    for r in records:
+        if r["type"] in ("peak", "result", "ratio"):
+            g = groups.setdefault((r["ep"], r["dtype"]), {"results": {}, "ratios": [], "peak": None})
+            if r["type"] == "peak":
+                g["peak"] = r["gflops"]
+            elif r["type"] == "result":
+                g["results"][r["name"]] = r
+            else:
+                g["ratios"].append(r)
+    return config, list(groups.values())
