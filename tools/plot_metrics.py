@@ -47,6 +47,13 @@ def read_run(path: Path) -> dict:
     return run
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     out, acc = [], 0.0
     for i, v in enumerate(values):
@@ -67,7 +74,7 @@ def plot_loss_vs_tokens(runs: dict[str, dict], out: Path, smooth: int) -> Path:
         tps = _tokens_per_sample(run)
         x = [r["consumed_samples"] * tps for r in run["train"]]
         line, = ax.plot(x, _smooth([r["lm_loss"] for r in run["train"]], smooth), alpha=0.6, label=f"{label} train")
-        valid = [r for r in run["valid"]]
+        valid = run["valid"]
         if valid:
             vx = [_valid_tokens(run, r) for r in valid]
             ax.plot(vx, [r["lm_loss"] for r in valid], "o-", color=line.get_color(), label=f"{label} valid")
@@ -76,11 +83,7 @@ def plot_loss_vs_tokens(runs: dict[str, dict], out: Path, smooth: int) -> Path:
     ax.set_title("loss vs tokens")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = out / "loss_vs_tokens.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "loss_vs_tokens.png")
 
 
 def _valid_tokens(run: dict, rec: dict) -> int:
@@ -105,11 +108,7 @@ def plot_loss_vs_params(runs: dict[str, dict], out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final validation loss")
     fig.suptitle("final validation loss vs parameters")
-    path = out / "loss_vs_params.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "loss_vs_params.png")
 
 
 def plot_entropy(runs: dict[str, dict], out: Path) -> Path | None:
@@ -128,11 +127,7 @@ def plot_entropy(runs: dict[str, dict], out: Path) -> Path | None:
     ax.set_title("how sharp the SaMoE combinations are")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = out / "combination_entropy.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "combination_entropy.png")
 
 
 def main(argv: list[str] | None = None) -> int:
