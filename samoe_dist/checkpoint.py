@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from samoe_dist.config import ConfigError, RunConfig
 from samoe_dist.init import canonical_name
+from samoe_dist.model import is_expert_parallel
 
 logger = logging.getLogger("samoe")
 
@@ -61,10 +62,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _is_expert_parallel(p: torch.Tensor) -> bool:
-    return getattr(p, "allreduce", True) is False
-
-
 @torch.no_grad()
 def consolidated_state(model: torch.nn.Module, cfg: RunConfig, groups) -> dict[str, torch.Tensor]:
     """Every weight of the model once, under its layout-free name (a collective over EP ranks).
@@ -75,7 +72,7 @@ def consolidated_state(model: torch.nn.Module, cfg: RunConfig, groups) -> dict[s
     state: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         local = p.detach()
-        if _is_expert_parallel(p) and groups.ep_size > 1:
+        if is_expert_parallel(p) and groups.ep_size > 1:
             parts = [torch.empty_like(local) for _ in range(groups.ep_size)]
             dist.all_gather(parts, local.contiguous(), group=groups.ep_group)
             for ep_rank, part in enumerate(parts):

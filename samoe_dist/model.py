@@ -114,10 +114,8 @@ class GPTLM(torch.nn.Module):
         self._load: Optional[torch.Tensor] = None  # [L_moe, N] tokens routed since expert_loads()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
-        b, s = tokens.shape
-        position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
         self.collect_aux_losses()  # drop values a checkpoint recompute may have left behind
-        per_token = self.gpt(tokens, position_ids, None, labels=labels)  # [b, s] fp32 CE
+        per_token = self.gpt(tokens, _positions(tokens), None, labels=labels)  # [b, s] fp32 CE
         self._count_tokens()
         mask = loss_mask.to(per_token.dtype)
         lm_loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
@@ -158,11 +156,15 @@ class GPTLM(torch.nn.Module):
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [b, s, V] (inference and evaluation)."""
-        b, s = tokens.shape
-        position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-        out = self.gpt(tokens, position_ids, None)  # [b, s, V]
+        out = self.gpt(tokens, _positions(tokens), None)  # [b, s, V]
         self.collect_aux_losses()
         return out
+
+
+def _positions(tokens: torch.Tensor) -> torch.Tensor:
+    """Position ids [b, s] of a token batch [b, s]."""
+    b, s = tokens.shape
+    return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
 
 
 def build_model(cfg: RunConfig, groups) -> GPTLM:
@@ -193,6 +195,11 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
 
         model.ds_moe_marker = ExpertParallelMarker(cfg.moe.num_experts, groups.ep_size)
     return model
+
+
+def is_expert_parallel(param: torch.Tensor) -> bool:
+    """True for a weight sharded over the expert-parallel group (set by mark_expert_parameters)."""
+    return getattr(param, "allreduce", True) is False
 
 
 def mark_expert_parameters(module: torch.nn.Module, ep_size: int, ds_group_name: str) -> int:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from samoe_dist.config import TrainingConfig
+from samoe_dist.model import is_expert_parallel
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -29,7 +30,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
+    if any(is_expert_parallel(p) for g in groups for p in g["params"]):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return groups
 

@@ -24,7 +24,7 @@ from samoe_dist.config import RunConfig, gradient_accumulation_steps, validate_l
 from samoe_dist.data_adapter import TrainingData, build_training_data
 from samoe_dist.ds_config import build_ds_config, load_ds_config
 from samoe_dist.metrics import MetricsWriter, iteration_line, setup_logging
-from samoe_dist.model import build_model
+from samoe_dist.model import build_model, is_expert_parallel
 from samoe_dist.optim import make_scheduler, param_groups
 from samoe_dist.parallel import ParallelGroups, init_distributed
 from samoe_dist.params import count_parameters, format_counts
@@ -127,7 +127,7 @@ class Trainer:
             if p.grad is None:
                 continue
             sq = p.grad.detach().double().pow(2).sum().cpu()
-            if getattr(p, "allreduce", True) is False:
+            if is_expert_parallel(p):
                 expert += sq
             else:
                 dense += sq

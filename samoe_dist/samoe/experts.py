@@ -14,7 +14,6 @@ EP group handed in, as megatron's BaseMoELayer numbers them.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from tests.distributed.harness import merged_params, run_world
-from tests.helpers import REPO
 
 STEPS = 3
 # Parameters must agree to 1e-3 of one Adam update (lr = 1e-2): a gradient that is wrong, missing

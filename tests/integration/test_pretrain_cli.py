@@ -3,7 +3,6 @@ command line with 2 processes; bad input stops with one line."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
