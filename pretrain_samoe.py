@@ -20,10 +20,14 @@ from samoe_dist.config import ConfigError
 def main(argv=None) -> int:
     cpu_compat.apply()
     cfg, ds_config = parse_args(argv)
+    from samoe_dist.parallel import destroy
     from samoe_dist.training import pretrain
 
     try:
         pretrain(cfg, ds_config)
+        # Tear the process groups down while the interpreter is whole: left to exit-time cleanup,
+        # gloo's threads can abort the process ("terminate called without an active exception").
+        destroy()
     except (ConfigError, FileNotFoundError, FloatingPointError) as exc:
         # One line per problem, from rank 0 only (the other ranks hit the same check).
         if os.environ.get("RANK", "0") == "0":
