@@ -20,7 +20,7 @@ from samoe_dist.evaluation.loading import EvaluationError, load
 from samoe_dist.evaluation.perplexity import evaluate_texts
 from samoe_dist.evaluation.scoring import windows
 from samoe_dist.export.convert import export
-from tests.unit.test_export import build_training_model, write_checkpoint
+from tests.helpers import build_training_model, write_checkpoint
 
 CONTEXT, STRIDE = 16, 6  # BASE's --seq-length; a stride < context overlaps the windows
 KINDS = {"dense": [], "moe": ["--num-experts", "4", "--moe-layer-freq", "2"],

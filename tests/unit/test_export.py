@@ -22,10 +22,9 @@ import torch
 
 from samoe_dist.export import PlainGPT
 from samoe_dist.export.convert import ConversionError, export, import_plain, reshard
+from tests.helpers import build_training_model, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-        "--vocab-size", "64", "--ffn-hidden-size", "48"]
 SAMOE = ["--num-experts", "4", "--samoe-pool-size", "3"]
 
 CASES = {
@@ -41,39 +40,6 @@ CASES = {
     "samoe-top-m-swiglu-learned-rmsnorm": [*SAMOE, "--samoe-top-m", "2", "--swiglu", "--normalization", "RMSNorm",
                                            "--position-embedding-type", "learned_absolute", "--samoe-init", "random"],
 }
-
-
-def build_training_model(argv: list[str]):
-    """(model in eval mode with perturbed weights, cfg, groups) at EP=1 (needs the `seeded` fixture)."""
-    from samoe_dist.arguments import parse_args
-    from samoe_dist.config import validate_layout
-    from samoe_dist.model import build_model
-    from samoe_dist.parallel import init_distributed
-
-    cfg, _ = parse_args([*BASE, *argv])
-    validate_layout(cfg, 1)
-    groups = init_distributed(1)
-    model = build_model(cfg, groups)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():  # norm weights off 1, biases off 0: every weight must map right
-            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model.eval(), cfg, groups
-
-
-def write_checkpoint(save_dir: Path, model, cfg, groups, iteration: int = 3) -> Path:
-    """A checkpoint as samoe_dist.checkpoint.save leaves it (without the DeepSpeed files)."""
-    from safetensors.torch import save_file
-
-    from samoe_dist.checkpoint import consolidated_state
-
-    tag_dir = save_dir / f"iter_{iteration:07d}"
-    tag_dir.mkdir(parents=True)
-    save_file(consolidated_state(model, cfg, groups), str(tag_dir / "model.safetensors"), metadata={"format": "samoe"})
-    (tag_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "layout": {"world_size": 1, "ep_size": 1}}))
-    (tag_dir / "client_state.json").write_text(json.dumps({"iteration": iteration, "consumed_samples": 24}))
-    (save_dir / "latest").write_text(tag_dir.name)
-    return tag_dir
 
 
 def tokens(batch: int = 3, seq: int = 16) -> torch.Tensor:
