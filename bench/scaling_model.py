@@ -9,9 +9,12 @@ ZeRO-1 partitioning of the optimizer states, ring collectives, world W = DP x EP
 - all-to-all: each MoE layer sends each token's hidden vector to its k experts' ranks and back, in
   forward and in backward (4 all-to-alls); a fraction (EP-1)/EP leaves the rank. Same for both
   models (same routing, same N, k).
-- gradient all-reduce of expert weights: standard MoE reduces its L_moe*N/EP local experts over
-  the expert-data-parallel group (W/EP ranks); SaMoE reduces the replicated pool P*|E| (and the
-  combination logits) over all W ranks. Ring all-reduce moves 2(n-1)/n x size per rank.
+- gradient and parameter sync of expert weights: standard MoE syncs its L_moe*N/EP local experts
+  over the expert-data-parallel group (W/EP ranks); SaMoE syncs the replicated pool P*|E| (and the
+  combination logits) over all W ranks. DeepSpeed's ZeRO-1/2 (``use_multi_rank_bucket_allreduce``,
+  on by default) all-reduces the gradient buckets (ring: 2(n-1)/n x size per rank) and then
+  all-gathers the updated parameter partitions ((n-1)/n x size): 1.5x an all-reduce's bytes at
+  equal dtypes. bench/comm_volume.py measured exactly this on the real engine (docs/RESULTS.md).
 - memory per GPU of expert weights: bf16 weights + bf16 gradients + fp32 master and two Adam
   moments partitioned by ZeRO-1 over the group that reduces them; SaMoE adds one layer's
   materialised local experts (bf16) and their gradient, alive one layer at a time.
@@ -55,17 +58,28 @@ def ring_allreduce_bytes(size_bytes: float, n: int) -> float:
     return 2.0 * (n - 1) / n * size_bytes if n > 1 else 0.0
 
 
-def per_gpu(shape: Shape, world: int) -> dict:
+def zero_sync_bytes(params: float, n: int, grad_bytes: int = 4, weight_bytes: int = 2) -> float:
+    """Bytes per rank DeepSpeed ZeRO-1/2 moves for ``params`` parameters synced over ``n`` ranks:
+    gradient all-reduce plus all-gather of the updated partitions."""
+    if n <= 1:
+        return 0.0
+    return ring_allreduce_bytes(grad_bytes * params, n) + (n - 1) / n * weight_bytes * params
+
+
+def per_gpu(shape: Shape, world: int, act_bytes: int = 2, weight_bytes: int = 2) -> dict:
+    """Per-GPU, per-step numbers. ``act_bytes``/``weight_bytes``: bytes per activation element
+    sent by the all-to-all and per weight all-gathered (2: bf16; bench/comm_volume.py passes 4 for
+    its fp32 CPU runs)."""
     s = shape
     tokens_per_gpu = s.global_batch * s.seq / world
-    a2a = 4 * s.moe_layers * s.topk * tokens_per_gpu * s.hidden * 2 * (s.ep - 1) / s.ep
+    a2a = 4 * s.moe_layers * s.topk * tokens_per_gpu * s.hidden * act_bytes * (s.ep - 1) / s.ep
     local_experts = s.moe_layers * s.experts // s.ep
     moe_expert_params = local_experts * s.expert_size
     pool_params = s.pool * s.expert_size
     combination = s.moe_layers * s.experts * s.pool
     edp = world // s.ep
-    moe_ar = ring_allreduce_bytes(4 * moe_expert_params, edp)
-    samoe_ar = ring_allreduce_bytes(4 * (pool_params + combination), world)
+    moe_ar = zero_sync_bytes(moe_expert_params, edp, weight_bytes=weight_bytes)
+    samoe_ar = zero_sync_bytes(pool_params + combination, world, weight_bytes=weight_bytes)
     # bf16 weight + bf16 grad, and 12 bytes of fp32 master + Adam moments split over the reducing group
     moe_mem = moe_expert_params * (2 + 2 + 12 / edp)
     materialised = (s.experts // s.ep) * s.expert_size * (2 + 2)  # one layer's local experts + grad
@@ -80,8 +94,8 @@ def per_gpu(shape: Shape, world: int) -> dict:
         "expert_params_total_moe": s.moe_layers * s.experts * s.expert_size,
         "expert_params_total_samoe": pool_params + combination,
         "all_to_all_GB_per_gpu": a2a / 1e9,
-        "expert_grad_allreduce_GB_per_gpu_moe": moe_ar / 1e9,
-        "expert_grad_allreduce_GB_per_gpu_samoe": samoe_ar / 1e9,
+        "expert_sync_GB_per_gpu_moe": moe_ar / 1e9,
+        "expert_sync_GB_per_gpu_samoe": samoe_ar / 1e9,
         "expert_memory_GB_per_gpu_moe": moe_mem / 1e9,
         "expert_memory_GB_per_gpu_samoe": samoe_mem / 1e9,
         "materialisation_flops_vs_expert_flops": materialise_flops / step_expert_flops,
@@ -93,14 +107,14 @@ SHAPES = [Shape("350M+128e", layers=24, hidden=1024, ffn=4096), Shape("1.3B+128e
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | GPUs | EP | expert params MoE / SaMoE (B) | all-to-all GB/GPU (both) | expert grad all-reduce "
-            "GB/GPU MoE / SaMoE | expert memory GB/GPU MoE / SaMoE | materialisation FLOPs / expert FLOPs / step FLOPs |")
+    head = ("| model | GPUs | EP | expert params MoE / SaMoE (B) | all-to-all GB/GPU (both) | expert grad all-reduce + "
+            "param all-gather GB/GPU MoE / SaMoE | expert memory GB/GPU MoE / SaMoE | materialisation FLOPs / expert FLOPs / step FLOPs |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['gpus']} | {r['ep']} | {r['expert_params_total_moe'] / 1e9:.2f} / "
             f"{r['expert_params_total_samoe'] / 1e9:.2f} | {r['all_to_all_GB_per_gpu']:.2f} | "
-            f"{r['expert_grad_allreduce_GB_per_gpu_moe']:.2f} / {r['expert_grad_allreduce_GB_per_gpu_samoe']:.2f} | "
+            f"{r['expert_sync_GB_per_gpu_moe']:.2f} / {r['expert_sync_GB_per_gpu_samoe']:.2f} | "
             f"{r['expert_memory_GB_per_gpu_moe']:.2f} / {r['expert_memory_GB_per_gpu_samoe']:.2f} | "
             f"{r['materialisation_flops_vs_expert_flops']:.3f} / {r['materialisation_flops_vs_step_flops']:.3f} |")
     return "\n".join(lines)
