@@ -1,0 +1,340 @@
+"""Parameter-efficiency study: validation loss of dense, standard MoE and SaMoE against parameters.
+
+Every run is a real ``pretrain_samoe.py`` training run (DeepSpeed engine, ZeRO-1, fp32, one process)
+on the built-in corpus made by ``scripts/setup.sh`` (Shakespeare, SentencePiece vocab 2000, the
+Megatron-style ``969,30,1`` document split, so validation documents are never trained on).
+
+Same active compute everywhere: L layers of width h, every layer MoE with N experts of FFN size f
+and top-k routing; SaMoE builds each layer's N experts from one shared pool of P; the dense model's
+FFN is k*f wide (the MoEs' FLOPs per token minus the router). Same tokens: within a seed every run
+reads the same batches in the same order (the data order follows ``--seed``).
+
+The runs (``--seeds`` each):
+- ``dense``, ``moe`` (L*N experts), ``samoe-P`` for each pool size in ``--pools`` (peaked init);
+- ablations at pool ``--ablation-pool``: the combination initialised uniform instead of peaked,
+  and top-m sparse combinations (``--ablation-top-m``) instead of dense ones.
+
+Results: one JSON line per finished run in ``--output`` (config, parameter counts from the run's
+own accounting, validation curve, final validation loss, wall time). A rerun skips runs already in
+that file (``--force`` reruns them), so an interrupted study resumes. ``--markdown`` writes the
+table and ``--figures`` the PNG plots; ``--report-only`` re-renders both from ``--output``.
+
+    .venv/bin/python bench/param_efficiency.py                 # the study (about 50 min on 2 cores)
+    .venv/bin/python bench/param_efficiency.py --report-only   # table and plots again
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "shakespeare_text_document"
+TOKENIZER = REPO / "data" / "spm.model"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--ffn-hidden-size", type=int, default=512, help="f: expert FFN size (dense: k*f)")
+    p.add_argument("--num-experts", type=int, default=8, help="N experts per MoE layer")
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--train-iters", type=int, default=900)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--eval-interval", type=int, default=100)
+    p.add_argument("--eval-iters", type=int, default=16, help="validation batches per evaluation")
+    p.add_argument("--data-path", default=str(DATA), help="indexed dataset prefix or jsonl (default: built-in corpus)")
+    p.add_argument("--tokenizer-model", default=str(TOKENIZER))
+    p.add_argument("--pools", default="32,16,8,4", help="SaMoE pool sizes P")
+    p.add_argument("--ablation-pool", type=int, default=8)
+    p.add_argument("--ablation-top-m", type=int, default=2)
+    p.add_argument("--seeds", default="1234,1235")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="runs at a time, one thread each (default: one per core)")
+    p.add_argument("--only", help="comma-separated run names to run (default: all)")
+    p.add_argument("--run-dir", default=str(REPO / "runs" / "param_efficiency"))
+    p.add_argument("--output", default=str(REPO / "bench" / "results" / "param_efficiency.jsonl"))
+    p.add_argument("--markdown", default=str(REPO / "bench" / "results" / "param_efficiency.md"))
+    p.add_argument("--figures", default=str(REPO / "docs" / "figures"))
+    p.add_argument("--force", action="store_true", help="rerun runs already in --output")
+    p.add_argument("--report-only", action="store_true", help="only re-render --markdown and --figures")
+    return p.parse_args(argv)
+
+
+def study_runs(a) -> list[dict]:
+    """(name, extra flags, description) of every configuration, before seeds."""
+    moe = ["--num-experts", str(a.num_experts), "--moe-router-topk", str(a.topk), "--moe-layer-freq", "1"]
+    runs = [{"name": "dense", "kind": "dense", "pool": None,
+             "flags": ["--ffn-hidden-size", str(a.topk * a.ffn_hidden_size)]},
+            {"name": "moe", "kind": "moe", "pool": None, "flags": moe}]
+    for pool in (int(x) for x in a.pools.split(",")):
+        runs.append({"name": f"samoe-{pool}", "kind": "samoe", "pool": pool,
+                     "flags": moe + ["--samoe-pool-size", str(pool)]})
+    pool = a.ablation_pool
+    runs.append({"name": f"samoe-{pool}-uniform", "kind": "samoe", "pool": pool, "ablation": "uniform init",
+                 "flags": moe + ["--samoe-pool-size", str(pool), "--samoe-init", "uniform"]})
+    runs.append({"name": f"samoe-{pool}-top{a.ablation_top_m}", "kind": "samoe", "pool": pool,
+                 "ablation": f"top-{a.ablation_top_m} combination",
+                 "flags": moe + ["--samoe-pool-size", str(pool), "--samoe-top-m", str(a.ablation_top_m)]})
+    return runs
+
+
+def common_flags(a) -> list[str]:
+    return ["--ds_config", str(REPO / "examples" / "ds_config_cpu.json"),
+            "--num-layers", str(a.num_layers), "--hidden-size", str(a.hidden_size),
+            "--num-attention-heads", str(a.num_attention_heads), "--ffn-hidden-size", str(a.ffn_hidden_size),
+            "--seq-length", str(a.seq_length), "--micro-batch-size", str(a.batch_size),
+            "--global-batch-size", str(a.batch_size), "--train-iters", str(a.train_iters),
+            "--lr", str(a.lr), "--min-lr", str(a.min_lr), "--lr-warmup-iters", str(a.warmup),
+            "--log-interval", "50", "--eval-interval", str(a.eval_interval), "--eval-iters", str(a.eval_iters),
+            "--data-path", a.data_path, "--tokenizer-model", a.tokenizer_model]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_one(a, run: dict, seed: int) -> dict:
+    """Train one configuration with one seed; return its result record."""
+    out = Path(a.run_dir) / f"{run['name']}-s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()
+    # The later --ffn-hidden-size (the dense model's k*f) wins over the common one (argparse).
+    argv = [sys.executable, str(REPO / "pretrain_samoe.py"), *common_flags(a), *run["flags"],
+            "--seed", str(seed), "--metrics-file", str(metrics), "--data-cache-path", str(out / "index_cache")]
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296")
+    start = time.time()
+    with open(out / "log.txt", "w") as log:
+        rc = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL).returncode
+    wall = time.time() - start
+    if rc != 0:
+        tail = (out / "log.txt").read_text().splitlines()[-20:]
+        raise RuntimeError(f"run {run['name']} seed {seed} failed (exit {rc}); log {out / 'log.txt'}:\n"
+                           + "\n".join(tail))
+    with open(metrics) as f:
+        records = [json.loads(line) for line in f]
+    final = next(r for r in records if r["type"] == "final")
+    tokens_per_step = a.batch_size * a.seq_length
+    valid = [{"iteration": r["iteration"], "tokens": r["iteration"] * tokens_per_step, "loss": r["lm_loss"]}
+             for r in records if r["type"] == "valid"]
+    train = [r for r in records if r["type"] == "train"]
+    return {"type": "run", "name": run["name"], "kind": run["kind"], "pool": run["pool"],
+            "ablation": run.get("ablation"), "seed": seed, "flags": run["flags"],
+            "params": final["params"], "final_valid_loss": final["final_valid_loss"],
+            "final_train_loss": statistics.fmean(r["lm_loss"] for r in train[-5:]),
+            "valid_curve": valid, "tokens": final["iteration"] * tokens_per_step,
+            "wall_s": round(wall, 1), "date": time.strftime("%Y-%m-%d")}
+
+
+def load_results(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if r.get("type") == "run"]
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """One row per configuration, in the study's order: seeds' losses, mean and spread."""
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], []).append(r)
+    moe = by_name.get("moe")
+    moe_expert = moe[0]["params"]["expert"] if moe else None
+    rows = []
+    for name, runs in by_name.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        losses = [r["final_valid_loss"] for r in runs]
+        p = runs[0]["params"]
+        expert = p.get("pool", 0) + p.get("combination", 0) if runs[0]["kind"] == "samoe" else p.get("expert", 0)
+        rows.append({"name": name, "kind": runs[0]["kind"], "pool": runs[0]["pool"],
+                     "ablation": runs[0]["ablation"], "seeds": [r["seed"] for r in runs], "losses": losses,
+                     "mean": statistics.fmean(losses), "spread": max(losses) - min(losses),
+                     "total": p["total"], "expert": expert, "active": p["active_per_token"],
+                     "expert_reduction": (moe_expert / expert) if (moe_expert and expert) else None,
+                     "tokens": runs[0]["tokens"], "wall_s": sum(r["wall_s"] for r in runs)})
+    return rows
+
+
+def verdict(rows: list[dict]) -> str:
+    moe = next((r for r in rows if r["name"] == "moe"), None)
+    if moe is None:
+        return "No standard-MoE run yet: no verdict."
+    plain = [r for r in rows if r["kind"] == "samoe" and not r["ablation"]]
+    ok = [r for r in plain if r["mean"] <= moe["mean"]]
+    lines = [f"Standard MoE: mean final validation loss {moe['mean']:.4f} (seed spread {moe['spread']:.4f})."]
+    for r in sorted(plain, key=lambda r: -r["expert_reduction"]):
+        d = r["mean"] - moe["mean"]
+        lines.append(f"SaMoE P={r['pool']}: {r['expert_reduction']:.1f}x fewer expert parameters, "
+                     f"mean loss {r['mean']:.4f} ({d:+.4f} vs MoE; {'equal or lower' if d <= 0 else 'higher'}).")
+    if ok:
+        best = max(ok, key=lambda r: r["expert_reduction"])
+        met = best["expert_reduction"] >= 5
+        lines.append(f"Largest reduction at equal or lower loss: {best['expert_reduction']:.1f}x (P={best['pool']}); "
+                     f"target >= 5x {'met' if met else 'missed'}.")
+    else:
+        lines.append("No SaMoE pool reached the standard MoE's loss: target missed.")
+    return "\n".join(lines)
+
+
+def write_markdown(a, rows: list[dict], results: list[dict], path: str, figures: dict) -> None:
+    cfg = results[0] if results else {}
+    lines = ["# Parameter-efficiency study", "",
+             f"Generated by `bench/param_efficiency.py` on {cfg.get('date', '?')} "
+             f"({len(results)} runs, {sum(r['wall_s'] for r in results) / 60:.0f} run-minutes).", "",
+             f"Shape: L={a.num_layers}, h={a.hidden_size}, heads={a.num_attention_heads}, every layer MoE with "
+             f"N={a.num_experts} experts of f={a.ffn_hidden_size}, top-{a.topk}; dense FFN {a.topk * a.ffn_hidden_size}; "
+             f"seq {a.seq_length}, batch {a.batch_size}, {a.train_iters} steps "
+             f"= {a.train_iters * a.batch_size * a.seq_length / 1e6:.2f} M tokens; lr {a.lr} cosine to {a.min_lr}, "
+             f"warmup {a.warmup}; validation: {a.eval_iters} batches "
+             f"({a.eval_iters * a.batch_size * a.seq_length} tokens) of the held-out split every "
+             f"{a.eval_interval} steps.", "",
+             "| run | expert params | total params | expert params vs MoE | final valid loss per seed | mean | spread |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        red = f"{r['expert_reduction']:.1f}x fewer" if r["expert_reduction"] and r["kind"] != "moe" else "-"
+        lines.append(f"| {r['name']} | {r['expert'] / 1e6:.3f} M | {r['total'] / 1e6:.3f} M | {red} | "
+                     + ", ".join(f"{x:.4f}" for x in r["losses"]) + f" | {r['mean']:.4f} | {r['spread']:.4f} |")
+    lines += ["", "Expert parameters: the standard MoE's L*N expert FFNs; SaMoE's pool plus its combination "
+              "logits (L*N*P). Router parameters are in the total, not here.", "", verdict(rows), ""]
+    for title, fig in figures.items():
+        lines.append(f"![{title}]({os.path.relpath(fig, os.path.dirname(path))})")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], results: list[dict], directory: str) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    figures = {}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        runs = [r for r in results if r["name"] == row["name"]]
+        its = sorted({p["iteration"] for r in runs for p in r["valid_curve"]})
+        curves = [{p["iteration"]: p["loss"] for p in r["valid_curve"]} for r in runs]
+        its = [i for i in its if all(i in c for c in curves) and i > 0]
+        mean = [statistics.fmean(c[i] for c in curves) for i in its]
+        tokens = [i * runs[0]["tokens"] / max(p["iteration"] for p in runs[0]["valid_curve"]) / 1e6 for i in its]
+        style = "--" if row["ablation"] else "-"
+        line, = ax.plot(tokens, mean, style, label=row["name"], marker=".")
+        lo = [min(c[i] for c in curves) for i in its]
+        hi = [max(c[i] for c in curves) for i in its]
+        ax.fill_between(tokens, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("validation loss (mean over seeds; band: min-max)")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    figures["validation loss vs tokens"] = os.path.join(directory, "param_efficiency_curves.png")
+    fig.savefig(figures["validation loss vs tokens"], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, key, label in ((axes[0], "expert", "expert parameters (M)"), (axes[1], "total", "total parameters (M)")):
+        for row in rows:
+            if row["kind"] == "dense" and key == "expert":
+                ax.axhline(row["mean"], color="gray", ls=":", label="dense (no experts)")
+                continue
+            marker = {"dense": "s", "moe": "D", "samoe": "o"}[row["kind"]]
+            if row["ablation"]:
+                marker = "x"
+            x = row[key] / 1e6
+            ax.errorbar([x], [row["mean"]], yerr=[[row["mean"] - min(row["losses"])], [max(row["losses"]) - row["mean"]]],
+                        fmt=marker, capsize=3, label=row["name"])
+        plain = sorted((r for r in rows if r["kind"] == "samoe" and not r["ablation"]), key=lambda r: r[key])
+        ax.plot([r[key] / 1e6 for r in plain], [r["mean"] for r in plain], "-", color="C0", alpha=0.4)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final validation loss")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    figures["final validation loss vs parameters"] = os.path.join(directory, "param_efficiency_params.png")
+    fig.savefig(figures["final validation loss vs parameters"], dpi=110)
+    plt.close(fig)
+    return figures
+
+
+def report(a) -> None:
+    results = load_results(a.output)
+    if not results:
+        raise SystemExit(f"error: no results in {a.output}; run bench/param_efficiency.py without --report-only first")
+    rows = summarise(results)
+    figures = plot(rows, results, a.figures) if a.figures else {}
+    write_markdown(a, rows, results, a.markdown, figures)
+    print(verdict(rows))
+    print(f"wrote {a.markdown}" + (f" and {', '.join(figures.values())}" if figures else ""))
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    if a.report_only:
+        return report(a)
+    for path, what in ((a.data_path, "corpus"), (a.tokenizer_model, "tokenizer")):
+        if not (os.path.exists(path) or os.path.exists(path + ".bin")):
+            raise SystemExit(f"error: the {what} {path} is missing; run `bash scripts/setup.sh` first (it makes "
+                             "the built-in one) or pass --data-path/--tokenizer-model")
+    runs = study_runs(a)
+    if a.only:
+        wanted = set(a.only.split(","))
+        unknown = wanted - {r["name"] for r in runs}
+        if unknown:
+            raise SystemExit(f"error: --only names unknown runs {sorted(unknown)}; known: {[r['name'] for r in runs]}")
+        runs = [r for r in runs if r["name"] in wanted]
+    seeds = [int(s) for s in a.seeds.split(",")]
+    done = {(r["name"], r["seed"]) for r in load_results(a.output)} if not a.force else set()
+    todo = [(run, seed) for seed in seeds for run in runs if (run["name"], seed) not in done]
+    print(f"{len(todo)} runs to do ({len(done)} already in {a.output}), {a.jobs} at a time", flush=True)
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+
+    def job(item):
+        run, seed = item
+        try:
+            rec = run_one(a, run, seed)
+        except RuntimeError as e:
+            failures.append(str(e))
+            print(str(e), file=sys.stderr, flush=True)
+            return
+        with open(a.output, "a") as f:  # one short append per run: whole lines
+            f.write(json.dumps(rec) + "\n")
+        print(f"{rec['name']} seed {seed}: final valid loss {rec['final_valid_loss']:.4f} "
+              f"({rec['wall_s']:.0f} s)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        list(pool.map(job, todo))
+    report(a)
+    if failures:
+        raise SystemExit(f"error: {len(failures)} runs failed (see above); rerun to retry only those")
+
+
+if __name__ == "__main__":
+    main()
