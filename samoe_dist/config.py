@@ -125,6 +125,9 @@ class SaMoEConfig:
     samoe_init: str = doc("Initialisation of C_l: 'peaked' (distinct pool expert per layer expert), 'uniform' or 'random'.", default="peaked")
     samoe_init_peak: float = doc("Logit offset beta of the peaked initialisation.", default=4.0)
     samoe_init_noise: float = doc("Std of the noise added to C_l at initialisation.", default=0.01)
+    samoe_combination_lr_mult: float = doc(
+        "Learning-rate multiplier of the combination logits C_l (their own optimizer group; the schedule "
+        "scales it like --lr).", default=1.0)
 
     @property
     def enabled(self) -> bool:
@@ -136,6 +139,8 @@ class SaMoEConfig:
                  f"--samoe-init must be 'peaked', 'uniform' or 'random', got {self.samoe_init!r}")
         _require(self.samoe_top_m >= 0, f"--samoe-top-m must be >= 0, got {self.samoe_top_m}")
         _require(self.samoe_init_noise >= 0, f"--samoe-init-noise must be >= 0, got {self.samoe_init_noise}")
+        _require(self.samoe_combination_lr_mult > 0,
+                 f"--samoe-combination-lr-mult must be > 0, got {self.samoe_combination_lr_mult}")
         if self.samoe_pool_size is not None:
             _positive(self, "samoe_pool_size")
             _require(self.samoe_top_m <= self.samoe_pool_size,

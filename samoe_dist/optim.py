@@ -10,25 +10,37 @@ from samoe_dist.config import TrainingConfig
 from samoe_dist.model import is_expert_parallel
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and other 1-D parameters, nor on SaMoE's
-    combination logits (decay would pull every layer's experts towards the pool mean).
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float = None,
+                 combination_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and other 1-D parameters; SaMoE's
+    combination logits in a group of their own, without decay (it would pull every layer's experts
+    towards the pool mean) and at ``lr * combination_lr_mult`` (``lr`` is needed when the
+    multiplier is not 1; the scheduler scales every group's lr by the same factor).
 
     Expert parameters (``allreduce = False``) are split into DeepSpeed's MoE groups so ZeRO-1/2
     reduce them over the expert-data-parallel group.
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    decay, no_decay = [], []
+    decay, no_decay, combination = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exempt = p.ndim < 2 or name.endswith(".bias") or name.endswith("combination_logits")
-        (no_decay if exempt else decay).append(p)
+        if name.endswith("combination_logits"):
+            combination.append(p)
+        elif p.ndim < 2 or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        {"name": "combination", "params": combination, "weight_decay": 0.0},
     ]
+    if combination_lr_mult != 1.0:
+        if lr is None:
+            raise ValueError("param_groups: a combination lr multiplier needs the base lr")
+        groups[2]["lr"] = lr * combination_lr_mult
     groups = [g for g in groups if g["params"]]
     if any(is_expert_parallel(p) for g in groups for p in g["params"]):
         groups = split_params_into_different_moe_groups_for_optimizer(groups)

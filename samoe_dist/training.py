@@ -69,7 +69,7 @@ class Trainer:
         tr = cfg.training
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model,
-            model_parameters=param_groups(self.model, tr.weight_decay),
+            model_parameters=param_groups(self.model, tr.weight_decay, tr.lr, cfg.samoe.samoe_combination_lr_mult),
             config=self.ds_config,
             lr_scheduler=lambda opt: make_scheduler(opt, tr),
         )

@@ -25,7 +25,7 @@ FROZEN_FLAGS = [
     "--moe-aux-loss-coeff", "--moe-expert-capacity-factor", "--moe-ffn-hidden-size", "--moe-layer-freq",
     "--moe-router-pre-softmax", "--moe-router-topk", "--moe-token-dispatcher-type", "--moe-z-loss-coeff",
     "--no-moe-router-pre-softmax", "--normalization", "--num-attention-heads", "--num-experts",
-    "--num-layers", "--position-embedding-type", "--recompute-granularity", "--samoe-init", "--samoe-init-noise",
+    "--num-layers", "--position-embedding-type", "--recompute-granularity", "--samoe-combination-lr-mult", "--samoe-init", "--samoe-init-noise",
     "--samoe-init-peak", "--samoe-pool-size", "--samoe-temperature", "--samoe-top-m", "--save",
     "--save-interval", "--seed", "--seq-length", "--split", "--swiglu", "--tensorboard-dir",
     "--tokenizer-model", "--tokenizer-type", "--train-iters", "--untie-embeddings-and-output-weights", "--vocab-file", "--vocab-size",
