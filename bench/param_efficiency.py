@@ -12,7 +12,10 @@ reads the same batches in the same order (the data order follows ``--seed``).
 The runs (``--seeds`` each):
 - ``dense``, ``moe`` (L*N experts), ``samoe-P`` for each pool size in ``--pools`` (peaked init);
 - ablations at pool ``--ablation-pool``: the combination initialised uniform instead of peaked,
-  and top-m sparse combinations (``--ablation-top-m``) instead of dense ones.
+  and top-m sparse combinations (``--ablation-top-m``) instead of dense ones;
+- with ``--peak-ablation BETA``, also the peaked init with logit offset BETA instead of 4 at the
+  pools ``--peak-ablation-pools``; with ``--lr-mult-ablation MULT``, the combination logits at MULT
+  times the learning rate at ``--lr-mult-ablation-pools`` (follow-ups, not in the default study).
 
 Results: one JSON line per finished run in ``--output`` (config, parameter counts from the run's
 own accounting, validation curve, final validation loss, wall time). A rerun skips runs already in
@@ -62,6 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--pools", default="32,16,8,4", help="SaMoE pool sizes P")
     p.add_argument("--ablation-pool", type=int, default=8)
     p.add_argument("--ablation-top-m", type=int, default=2)
+    p.add_argument("--peak-ablation", type=float, default=None, metavar="BETA",
+                   help="also run peaked init with logit offset BETA (default 4) at --peak-ablation-pools")
+    p.add_argument("--peak-ablation-pools", default="32,8")
+    p.add_argument("--lr-mult-ablation", type=float, default=None, metavar="MULT",
+                   help="also run the combination logits at MULT x the lr (--samoe-combination-lr-mult) "
+                        "at --lr-mult-ablation-pools")
+    p.add_argument("--lr-mult-ablation-pools", default="32,8,4")
     p.add_argument("--seeds", default="1234,1235")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="runs at a time, one thread each (default: one per core)")
@@ -90,6 +100,18 @@ def study_runs(a) -> list[dict]:
     runs.append({"name": f"samoe-{pool}-top{a.ablation_top_m}", "kind": "samoe", "pool": pool,
                  "ablation": f"top-{a.ablation_top_m} combination",
                  "flags": moe + ["--samoe-pool-size", str(pool), "--samoe-top-m", str(a.ablation_top_m)]})
+    if a.peak_ablation is not None:
+        beta = f"{a.peak_ablation:g}"
+        for pool in (int(x) for x in a.peak_ablation_pools.split(",")):
+            runs.append({"name": f"samoe-{pool}-peak{beta}", "kind": "samoe", "pool": pool,
+                         "ablation": f"peaked init, beta {beta}",
+                         "flags": moe + ["--samoe-pool-size", str(pool), "--samoe-init-peak", beta]})
+    if a.lr_mult_ablation is not None:
+        mult = f"{a.lr_mult_ablation:g}"
+        for pool in (int(x) for x in a.lr_mult_ablation_pools.split(",")):
+            runs.append({"name": f"samoe-{pool}-clr{mult}", "kind": "samoe", "pool": pool,
+                         "ablation": f"combination lr x{mult}",
+                         "flags": moe + ["--samoe-pool-size", str(pool), "--samoe-combination-lr-mult", mult]})
     return runs
 
 
