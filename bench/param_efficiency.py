@@ -253,51 +253,60 @@ def plot(rows: list[dict], results: list[dict], directory: str) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     Path(directory).mkdir(parents=True, exist_ok=True)
     figures = {}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        runs = [r for r in results if r["name"] == row["name"]]
-        its = sorted({p["iteration"] for r in runs for p in r["valid_curve"]})
-        curves = [{p["iteration"]: p["loss"] for p in r["valid_curve"]} for r in runs]
-        its = [i for i in its if all(i in c for c in curves) and i > 0]
-        mean = [statistics.fmean(c[i] for c in curves) for i in its]
-        tokens = [i * runs[0]["tokens"] / max(p["iteration"] for p in runs[0]["valid_curve"]) / 1e6 for i in its]
-        style = "--" if row["ablation"] else "-"
-        line, = ax.plot(tokens, mean, style, label=row["name"], marker=".")
-        lo = [min(c[i] for c in curves) for i in its]
-        hi = [max(c[i] for c in curves) for i in its]
-        ax.fill_between(tokens, lo, hi, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("validation loss (mean over seeds; band: min-max)")
-    ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # tab20's dark shades first (0, 2, .., 18), then the light ones
+    colors = {row["name"]: plt.cm.tab20((2 * i) % 20 + (2 * i // 20) % 2) for i, row in enumerate(rows)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    ablated_pools = {r["pool"] for r in rows if r["ablation"]}
+    panels = ((axes[0], "dense, MoE and SaMoE pools", [r for r in rows if not r["ablation"]]),
+              (axes[1], "ablations (with their baselines)",
+               [r for r in rows if r["ablation"] or r["kind"] == "moe" or (r["kind"] == "samoe" and r["pool"] in ablated_pools)]))
+    for ax, title, panel_rows in panels:
+        for row in panel_rows:
+            runs = [r for r in results if r["name"] == row["name"]]
+            curves = [{p["iteration"]: p["loss"] for p in r["valid_curve"]} for r in runs]
+            its = sorted(i for i in set().union(*curves) if all(i in c for c in curves) and i > 0)
+            per_step = runs[0]["tokens"] / max(p["iteration"] for p in runs[0]["valid_curve"])
+            tokens = [i * per_step / 1e6 for i in its]
+            mean = [statistics.fmean(c[i] for c in curves) for i in its]
+            style = "--" if row["ablation"] else "-"
+            ax.plot(tokens, mean, style, label=row["name"], marker=".", color=colors[row["name"]])
+            ax.fill_between(tokens, [min(c[i] for c in curves) for i in its], [max(c[i] for c in curves) for i in its],
+                            color=colors[row["name"]], alpha=0.15)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 5.0))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("validation loss (mean over seeds; band: min-max)")
     fig.tight_layout()
     figures["validation loss vs tokens"] = os.path.join(directory, "param_efficiency_curves.png")
-    fig.savefig(figures["validation loss vs tokens"], dpi=110)
+    fig.savefig(figures["validation loss vs tokens"], dpi=100)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, key, label in ((axes[0], "expert", "expert parameters (M)"), (axes[1], "total", "total parameters (M)")):
         for row in rows:
             if row["kind"] == "dense" and key == "expert":
-                ax.axhline(row["mean"], color="gray", ls=":", label="dense (no experts)")
+                ax.axhline(row["mean"], color=colors[row["name"]], ls=":", label="dense (no experts)")
                 continue
-            marker = {"dense": "s", "moe": "D", "samoe": "o"}[row["kind"]]
-            if row["ablation"]:
-                marker = "x"
+            marker = "x" if row["ablation"] else {"dense": "s", "moe": "D", "samoe": "o"}[row["kind"]]
             x = row[key] / 1e6
             ax.errorbar([x], [row["mean"]], yerr=[[row["mean"] - min(row["losses"])], [max(row["losses"]) - row["mean"]]],
-                        fmt=marker, capsize=3, label=row["name"])
+                        fmt=marker, capsize=3, color=colors[row["name"]], label=row["name"])
         plain = sorted((r for r in rows if r["kind"] == "samoe" and not r["ablation"]), key=lambda r: r[key])
-        ax.plot([r[key] / 1e6 for r in plain], [r["mean"] for r in plain], "-", color="C0", alpha=0.4)
+        ax.plot([r[key] / 1e6 for r in plain], [r["mean"] for r in plain], "-", color="gray", alpha=0.4)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(sorted({float(f"{r[key] / 1e6:.2g}") for r in rows if r[key] > 0}))
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final validation loss")
-    axes[1].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     figures["final validation loss vs parameters"] = os.path.join(directory, "param_efficiency_params.png")
     fig.savefig(figures["final validation loss vs parameters"], dpi=110)
