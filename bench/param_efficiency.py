@@ -298,8 +298,12 @@ def plot(rows: list[dict], results: list[dict], directory: str) -> dict:
             x = row[key] / 1e6
             ax.errorbar([x], [row["mean"]], yerr=[[row["mean"] - min(row["losses"])], [max(row["losses"]) - row["mean"]]],
                         fmt=marker, capsize=3, color=colors[row["name"]], label=row["name"])
-        plain = sorted((r for r in rows if r["kind"] == "samoe" and not r["ablation"]), key=lambda r: r[key])
-        ax.plot([r[key] / 1e6 for r in plain], [r["mean"] for r in plain], "-", color="gray", alpha=0.4)
+        # one line through each series of SaMoE runs that differ only in the pool size
+        for ablation in dict.fromkeys(r["ablation"] for r in rows if r["kind"] == "samoe"):
+            series = sorted((r for r in rows if r["kind"] == "samoe" and r["ablation"] == ablation), key=lambda r: r[key])
+            if len(series) > 1:
+                ax.plot([r[key] / 1e6 for r in series], [r["mean"] for r in series], "--" if ablation else "-",
+                        color="gray" if not ablation else colors[series[0]["name"]], alpha=0.5)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
