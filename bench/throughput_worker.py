@@ -61,9 +61,14 @@ def _peak_worker(spec, send) -> None:
 
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
     n = spec["matmul_size"]
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    # On a GPU the peak is the GPU's (the training steps run there): CUDA tensors, and the clock
+    # read only after the kernel finished. On the CPU `sync` does nothing.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):
         a @ b
+    sync()
     send({"event": "ready", "rss_bytes": _rss_bytes()})
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -73,6 +78,7 @@ def _peak_worker(spec, send) -> None:
         for _ in range(spec["matmul_reps"]):
             t0 = time.perf_counter()
             a @ b
+            sync()
             best = min(best, time.perf_counter() - t0)
         send({"event": "ran", "gflops": 2.0 * n ** 3 / best / 1e9})
 
