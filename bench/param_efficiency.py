@@ -86,32 +86,31 @@ def parse_args(argv=None):
 
 
 def study_runs(a) -> list[dict]:
-    """(name, extra flags, description) of every configuration, before seeds."""
+    """Every configuration (name, kind, pool, ablation, extra flags), before seeds."""
     moe = ["--num-experts", str(a.num_experts), "--moe-router-topk", str(a.topk), "--moe-layer-freq", "1"]
+
+    def samoe(pool: int, suffix: str = "", ablation=None, *flags: str) -> dict:
+        return {"name": f"samoe-{pool}{suffix}", "kind": "samoe", "pool": pool, "ablation": ablation,
+                "flags": moe + ["--samoe-pool-size", str(pool), *flags]}
+
+    def pools(spec: str) -> list[int]:
+        return [int(x) for x in spec.split(",")]
+
     runs = [{"name": "dense", "kind": "dense", "pool": None,
              "flags": ["--ffn-hidden-size", str(a.topk * a.ffn_hidden_size)]},
             {"name": "moe", "kind": "moe", "pool": None, "flags": moe}]
-    for pool in (int(x) for x in a.pools.split(",")):
-        runs.append({"name": f"samoe-{pool}", "kind": "samoe", "pool": pool,
-                     "flags": moe + ["--samoe-pool-size", str(pool)]})
-    pool = a.ablation_pool
-    runs.append({"name": f"samoe-{pool}-uniform", "kind": "samoe", "pool": pool, "ablation": "uniform init",
-                 "flags": moe + ["--samoe-pool-size", str(pool), "--samoe-init", "uniform"]})
-    runs.append({"name": f"samoe-{pool}-top{a.ablation_top_m}", "kind": "samoe", "pool": pool,
-                 "ablation": f"top-{a.ablation_top_m} combination",
-                 "flags": moe + ["--samoe-pool-size", str(pool), "--samoe-top-m", str(a.ablation_top_m)]})
+    runs += [samoe(pool) for pool in pools(a.pools)]
+    m = a.ablation_top_m
+    runs += [samoe(a.ablation_pool, "-uniform", "uniform init", "--samoe-init", "uniform"),
+             samoe(a.ablation_pool, f"-top{m}", f"top-{m} combination", "--samoe-top-m", str(m))]
     if a.peak_ablation is not None:
         beta = f"{a.peak_ablation:g}"
-        for pool in (int(x) for x in a.peak_ablation_pools.split(",")):
-            runs.append({"name": f"samoe-{pool}-peak{beta}", "kind": "samoe", "pool": pool,
-                         "ablation": f"peaked init, beta {beta}",
-                         "flags": moe + ["--samoe-pool-size", str(pool), "--samoe-init-peak", beta]})
+        runs += [samoe(pool, f"-peak{beta}", f"peaked init, beta {beta}", "--samoe-init-peak", beta)
+                 for pool in pools(a.peak_ablation_pools)]
     if a.lr_mult_ablation is not None:
         mult = f"{a.lr_mult_ablation:g}"
-        for pool in (int(x) for x in a.lr_mult_ablation_pools.split(",")):
-            runs.append({"name": f"samoe-{pool}-clr{mult}", "kind": "samoe", "pool": pool,
-                         "ablation": f"combination lr x{mult}",
-                         "flags": moe + ["--samoe-pool-size", str(pool), "--samoe-combination-lr-mult", mult]})
+        runs += [samoe(pool, f"-clr{mult}", f"combination lr x{mult}", "--samoe-combination-lr-mult", mult)
+                 for pool in pools(a.lr_mult_ablation_pools)]
     return runs
 
 
