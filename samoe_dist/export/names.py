@@ -185,19 +185,21 @@ def qkv_to_training(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.view(3, num_heads, three_h // (3 * num_heads), h).transpose(0, 1).reshape(three_h, h).contiguous()
 
 
-def to_plain(state: dict, cfg: PlainGPTConfig) -> dict:
-    """A checkpoint's consolidated state (canonical names) as the plain model's state dict."""
+def _renamed(state: dict, cfg: PlainGPTConfig, src: str, dst: str, qkv) -> dict:
+    """``state`` keyed by the weight table's ``src`` names, re-keyed by its ``dst`` names, with the
+    fused QKV weights re-laid out by ``qkv``."""
     out = {}
     for w in weight_table(cfg):
-        t = state[w.training]
-        out[w.plain] = qkv_to_plain(t, cfg.num_attention_heads) if w.plain.endswith("attn.qkv.weight") else t
+        t = state[getattr(w, src)]
+        out[getattr(w, dst)] = qkv(t, cfg.num_attention_heads) if w.plain.endswith("attn.qkv.weight") else t
     return out
+
+
+def to_plain(state: dict, cfg: PlainGPTConfig) -> dict:
+    """A checkpoint's consolidated state (canonical names) as the plain model's state dict."""
+    return _renamed(state, cfg, "training", "plain", qkv_to_plain)
 
 
 def to_training(state: dict, cfg: PlainGPTConfig) -> dict:
     """The plain model's state dict under the trainer's canonical names (inverse of :func:`to_plain`)."""
-    out = {}
-    for w in weight_table(cfg):
-        t = state[w.plain]
-        out[w.training] = qkv_to_training(t, cfg.num_attention_heads) if w.plain.endswith("attn.qkv.weight") else t
-    return out
+    return _renamed(state, cfg, "plain", "training", qkv_to_training)
