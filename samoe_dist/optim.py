@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -10,7 +11,7 @@ from samoe_dist.config import TrainingConfig
 from samoe_dist.model import is_expert_parallel
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float = None,
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: Optional[float] = None,
                  combination_lr_mult: float = 1.0) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms and other 1-D parameters; SaMoE's
     combination logits in a group of their own, without decay (it would pull every layer's experts
