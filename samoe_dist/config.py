@@ -9,8 +9,13 @@ process group is created, so an impossible layout fails with one message and no 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
+
+
+# Default weight of the peak pool expert in each row of A_l at initialisation (--samoe-init-peak-mass).
+DEFAULT_PEAK_MASS = 0.95
 
 
 class ConfigError(ValueError):
@@ -120,10 +125,22 @@ class SaMoEConfig:
     """The shared expert pool: each MoE layer's experts are a learned soft combination of it."""
 
     samoe_pool_size: Optional[int] = doc("Pool size P; turns the MoE layers into SaMoE layers (needs --num-experts).", default=None)
+    samoe_route_to_pool: bool = doc(
+        "Shared routing: each MoE layer's router chooses among the P pool experts directly (needs "
+        "--num-experts equal to --samoe-pool-size); no combination weights, no materialisation.", default=False)
+    samoe_combination: str = doc(
+        "How a layer's experts combine the pool: 'softmax' (A_l = softmax(C_l / tau), rows on the simplex) or "
+        "'linear' (A_l = C_l, signed, rows initialised one-hot).", default="softmax")
     samoe_temperature: float = doc("Temperature tau of A_l = softmax(C_l / tau).", default=1.0)
     samoe_top_m: int = doc("Keep the top-m entries of each combination row and renormalise (0: dense, all P).", default=0)
     samoe_init: str = doc("Initialisation of C_l: 'peaked' (distinct pool expert per layer expert), 'uniform' or 'random'.", default="peaked")
-    samoe_init_peak: float = doc("Logit offset beta of the peaked initialisation.", default=4.0)
+    samoe_init_peak_mass: Optional[float] = doc(
+        "Peaked init as the weight m in (1/P, 1) that each row of A_l puts on its peak pool expert at step 0 "
+        f"(logit offset tau * ln(m (P-1) / (1-m))); default {DEFAULT_PEAK_MASS} unless --samoe-init-peak is given.",
+        default=None)
+    samoe_init_peak: Optional[float] = doc(
+        "Peaked init as a raw logit offset beta (its mass e^beta / (e^beta + P - 1) softens as P grows; "
+        "exclusive with --samoe-init-peak-mass).", default=None)
     samoe_init_noise: float = doc("Std of the noise added to C_l at initialisation.", default=0.01)
     samoe_combination_lr_mult: float = doc(
         "Learning-rate multiplier of the combination logits C_l (their own optimizer group; the schedule "
@@ -137,14 +154,59 @@ class SaMoEConfig:
         _require(self.samoe_temperature > 0, f"--samoe-temperature must be > 0, got {self.samoe_temperature}")
         _require(self.samoe_init in ("peaked", "uniform", "random"),
                  f"--samoe-init must be 'peaked', 'uniform' or 'random', got {self.samoe_init!r}")
+        _require(self.samoe_combination in ("softmax", "linear"),
+                 f"--samoe-combination must be 'softmax' or 'linear', got {self.samoe_combination!r}")
         _require(self.samoe_top_m >= 0, f"--samoe-top-m must be >= 0, got {self.samoe_top_m}")
         _require(self.samoe_init_noise >= 0, f"--samoe-init-noise must be >= 0, got {self.samoe_init_noise}")
         _require(self.samoe_combination_lr_mult > 0,
                  f"--samoe-combination-lr-mult must be > 0, got {self.samoe_combination_lr_mult}")
+        _require(self.samoe_init_peak is None or self.samoe_init_peak_mass is None,
+                 "--samoe-init-peak and --samoe-init-peak-mass both set the peaked init: give one of them")
+        if self.samoe_init_peak_mass is not None:
+            _require(0.0 < self.samoe_init_peak_mass < 1.0,
+                     f"--samoe-init-peak-mass must be in (0, 1), got {self.samoe_init_peak_mass}")
+        if self.samoe_combination == "linear":
+            _require(self.samoe_top_m == 0 and self.samoe_temperature == 1.0,
+                     "--samoe-combination linear has no softmax: drop --samoe-top-m and --samoe-temperature")
+            _require(self.samoe_init == "peaked" and self.samoe_init_peak is None and self.samoe_init_peak_mass is None,
+                     "--samoe-combination linear starts its rows one-hot: drop --samoe-init, --samoe-init-peak "
+                     "and --samoe-init-peak-mass")
+        if self.samoe_route_to_pool:
+            _require(self.samoe_pool_size is not None, "--samoe-route-to-pool needs --samoe-pool-size P")
+            _require(self.samoe_combination == "softmax" and self.samoe_top_m == 0 and self.samoe_temperature == 1.0
+                     and self.samoe_init == "peaked" and self.samoe_init_peak is None
+                     and self.samoe_init_peak_mass is None and self.samoe_combination_lr_mult == 1.0,
+                     "--samoe-route-to-pool has no combination weights: drop --samoe-combination, --samoe-top-m, "
+                     "--samoe-temperature, --samoe-init*, --samoe-combination-lr-mult")
         if self.samoe_pool_size is not None:
             _positive(self, "samoe_pool_size")
             _require(self.samoe_top_m <= self.samoe_pool_size,
                      f"--samoe-top-m {self.samoe_top_m} exceeds --samoe-pool-size {self.samoe_pool_size}")
+            if self.samoe_init_peak_mass is not None:
+                _require(self.samoe_init_peak_mass > 1.0 / self.samoe_pool_size,
+                         f"--samoe-init-peak-mass {self.samoe_init_peak_mass} is not above the uniform weight "
+                         f"1/P = {1.0 / self.samoe_pool_size:.4g}: it would not peak")
+
+    def init_peak_logit(self) -> float:
+        """The logit offset of the peaked init: ``--samoe-init-peak`` as given, or the offset that
+        gives the peak the mass ``m`` (``--samoe-init-peak-mass``, default DEFAULT_PEAK_MASS) in
+        ``softmax(C / tau)``: ``tau * ln(m (P - 1) / (1 - m))``."""
+        if self.samoe_init_peak is not None:
+            return self.samoe_init_peak
+        return peak_logit_for_mass(
+            DEFAULT_PEAK_MASS if self.samoe_init_peak_mass is None else self.samoe_init_peak_mass,
+            self.samoe_pool_size, self.samoe_temperature)
+
+
+def peak_logit_for_mass(mass: float, pool_size: int, temperature: float = 1.0) -> float:
+    """Logit offset tau*beta with softmax weight ``mass`` on one of ``pool_size`` entries, the rest 0.
+
+    m = e^beta / (e^beta + P - 1)  <=>  beta = ln(m (P - 1) / (1 - m)). With P = 1 the one entry
+    has weight 1 whatever the offset: 0 is returned.
+    """
+    if pool_size == 1:
+        return 0.0
+    return temperature * math.log(mass * (pool_size - 1) / (1.0 - mass))
 
 
 @dataclass
@@ -277,6 +339,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.samoe.enabled:
             _require(self.moe.enabled, "--samoe-pool-size needs --num-experts (the experts per SaMoE layer)")
+            if self.samoe.samoe_route_to_pool:
+                _require(self.moe.num_experts == self.samoe.samoe_pool_size,
+                         f"--samoe-route-to-pool routes each layer's tokens to the pool's experts directly: "
+                         f"--num-experts {self.moe.num_experts} must equal --samoe-pool-size "
+                         f"{self.samoe.samoe_pool_size}")
         if self.moe.enabled:
             _require(self.moe.moe_layer_freq <= self.model.num_layers,
                      f"--moe-layer-freq {self.moe.moe_layer_freq} exceeds --num-layers "

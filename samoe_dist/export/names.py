@@ -60,7 +60,9 @@ def plain_config(run: dict) -> PlainGPTConfig:
             moe_router_topk=moe.get("moe_router_topk", 2),
             moe_router_pre_softmax=moe.get("moe_router_pre_softmax", True),
             samoe_pool_size=s.get("samoe_pool_size") if experts else None,
-            samoe_temperature=s.get("samoe_temperature", 1.0), samoe_top_m=s.get("samoe_top_m", 0))
+            samoe_temperature=s.get("samoe_temperature", 1.0), samoe_top_m=s.get("samoe_top_m", 0),
+            samoe_combination=s.get("samoe_combination", "softmax"),
+            samoe_route_to_pool=bool(s.get("samoe_route_to_pool", False)))
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"config.json does not describe a model: {e}") from None
 
@@ -99,7 +101,8 @@ def run_config(plain: PlainGPTConfig, base: Optional[dict] = None) -> dict:
         moe_router_pre_softmax=plain.moe_router_pre_softmax)}
     samoe = {**base.get("samoe", {}), **dict(
         samoe_pool_size=plain.samoe_pool_size, samoe_temperature=plain.samoe_temperature,
-        samoe_top_m=plain.samoe_top_m)}
+        samoe_top_m=plain.samoe_top_m, samoe_combination=plain.samoe_combination,
+        samoe_route_to_pool=plain.samoe_route_to_pool)}
     try:
         run = RunConfig(ModelConfig(**model), MoEConfig(**moe), SaMoEConfig(**samoe),
                         ParallelConfig(), TrainingConfig(**base.get("training", {})), data=None)
@@ -138,8 +141,9 @@ def weight_table(cfg: PlainGPTConfig) -> list[Weight]:
         N, fm = cfg.num_experts, cfg.moe_ffn_hidden_size
         rows.append(Weight(f"{t}mlp.router.weight", f"{p}mlp.router.weight", (N, h)))
         if cfg.samoe_pool_size is not None:
-            rows.append(Weight(f"{t}mlp.experts.combination_logits", f"{p}mlp.combination_logits",
-                               (N, cfg.samoe_pool_size)))
+            if not cfg.samoe_route_to_pool:  # shared routing has no combination logits
+                rows.append(Weight(f"{t}mlp.experts.combination_logits", f"{p}mlp.combination_logits",
+                                   (N, cfg.samoe_pool_size)))
             continue
         for e in range(N):
             te, pe = f"{t}mlp.experts.experts.{e}.", f"{p}mlp.experts.{e}."

@@ -17,7 +17,8 @@ the logits equal the training model's to fp32 rounding:
   (not renormalised), otherwise softmax over the top-k logits; ``y = sum_k gate_k * expert_k(x)``,
   the gate applied to the fc2 input as megatron does.
 - SaMoE layer: the same, with layer expert ``e = sum_p A[e, p] * pool[p]``,
-  ``A = softmax(C / tau)``, only the top-m logits of a row kept when ``0 < m < P`` (SAMOE.md §2).
+  ``A = softmax(C / tau)``, only the top-m logits of a row kept when ``0 < m < P``, or ``A = C``
+  (a linear combination); with shared routing the layer's N = P experts are the pool's (SAMOE.md §2).
 
 One layout differs from megatron's: ``attn.qkv.weight`` rows are ``[q heads; k heads; v heads]``
 (megatron interleaves them per head); ``samoe_dist.export.names`` converts between the two exactly.
@@ -65,6 +66,8 @@ class PlainGPTConfig:
     samoe_pool_size: Optional[int] = None  # P: the MoE layers are SaMoE layers when set
     samoe_temperature: float = 1.0
     samoe_top_m: int = 0
+    samoe_combination: str = "softmax"  # 'softmax': A = softmax(C / tau); 'linear': A = C
+    samoe_route_to_pool: bool = False  # shared routing: layer expert e is pool expert e (N = P, no C)
 
     def __post_init__(self) -> None:
         def need(cond: bool, message: str) -> None:
@@ -99,6 +102,10 @@ class PlainGPTConfig:
                  and 0 <= self.samoe_top_m <= self.samoe_pool_size,
                  f"SaMoE fields out of range: pool {self.samoe_pool_size}, temperature {self.samoe_temperature}, "
                  f"top_m {self.samoe_top_m}")
+            need(self.samoe_combination in ("softmax", "linear"),
+                 f"samoe_combination must be 'softmax' or 'linear', got {self.samoe_combination!r}")
+            need(not self.samoe_route_to_pool or self.num_experts == self.samoe_pool_size,
+                 f"samoe_route_to_pool needs num_experts {self.num_experts} == samoe_pool_size {self.samoe_pool_size}")
 
     @property
     def kind(self) -> str:
@@ -212,8 +219,11 @@ class Pool(nn.Module):
         self.w3 = nn.Parameter(torch.zeros(P, h, f)) if gated else None
 
 
-def combination_weights(logits_NP: torch.Tensor, temperature: float, top_m: int) -> torch.Tensor:
-    """A_NP = softmax(C / tau) per row; with 0 < top_m < P only the top-m logits, renormalised."""
+def combination_weights(logits_NP: torch.Tensor, temperature: float, top_m: int, mode: str = "softmax") -> torch.Tensor:
+    """A_NP = softmax(C / tau) per row; with 0 < top_m < P only the top-m logits, renormalised;
+    ``mode='linear'``: A = C."""
+    if mode == "linear":
+        return logits_NP.float()
     scaled_NP = logits_NP.float() / temperature
     if not 0 < top_m < scaled_NP.shape[-1]:
         return torch.softmax(scaled_NP, dim=-1)
@@ -231,7 +241,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(h, N, bias=False)
         if cfg.samoe_pool_size is None:
             self.experts = nn.ModuleList(MLP(h, f, cfg.gated) for _ in range(N))
-        else:
+        elif not cfg.samoe_route_to_pool:
             self.combination_logits = nn.Parameter(torch.zeros(N, cfg.samoe_pool_size))  # C_NP
 
     def expert_weights(self, pool: Optional[Pool]) -> list:
@@ -239,7 +249,11 @@ class MoE(nn.Module):
         if pool is None:
             return [e.weights() for e in self.experts]
         c = self.cfg
-        A_NP = combination_weights(self.combination_logits, c.samoe_temperature, c.samoe_top_m).to(pool.w1.dtype)
+        if c.samoe_route_to_pool:  # shared routing: the pool's experts as they are
+            return [(pool.w1[e].t(), pool.w2[e].t(), None if pool.w3 is None else pool.w3[e].t())
+                    for e in range(c.num_experts)]
+        A_NP = combination_weights(self.combination_logits, c.samoe_temperature, c.samoe_top_m,
+                                   c.samoe_combination).to(pool.w1.dtype)
         P = A_NP.shape[1]
         # W_l = A_l @ pool: one GEMM on the flattened pool per weight
         w1_NHF, w2_NFH, w3_NHF = (None if w is None else (A_NP @ w.reshape(P, -1)).view(-1, *w.shape[1:])

@@ -26,14 +26,20 @@ import torch
 from samoe_dist.samoe.grouped_gemm import grouped_matmul, grouped_weight_grad
 
 
-def materialize(A_nP: torch.Tensor, w_pool: torch.Tensor) -> torch.Tensor:
-    """Layer experts from the pool: ``einsum('np,p...->n...')`` as one GEMM on the flat pool."""
+def materialize(A_nP: Optional[torch.Tensor], w_pool: torch.Tensor) -> torch.Tensor:
+    """Layer experts from the pool: ``einsum('np,p...->n...')`` as one GEMM on the flat pool.
+    With ``A_nP`` None the weights are the experts themselves (shared routing, or a standard MoE)."""
+    if A_nP is None:
+        return w_pool
     P = w_pool.shape[0]
     return (A_nP @ w_pool.reshape(P, -1)).view(A_nP.shape[0], *w_pool.shape[1:])
 
 
 def _map_weight_grad(dW_n: torch.Tensor, A_nP: torch.Tensor, w_pool: torch.Tensor, need_pool: bool, need_A: bool):
-    """(dW_pool, dA_nP) of a materialised weight's gradient dW_n (None where not needed)."""
+    """(dW_pool, dA_nP) of a materialised weight's gradient dW_n (None where not needed; with
+    ``A_nP`` None the weights were used as they are and their gradient is dW_n itself)."""
+    if A_nP is None:
+        return (dW_n if need_pool else None), None
     n, P = A_nP.shape
     dW_flat = dW_n.reshape(n, -1)
     d_pool = (A_nP.t() @ dW_flat).view_as(w_pool) if need_pool else None
@@ -99,8 +105,8 @@ class MaterializedExpertFFN(torch.autograd.Function):
     """Grouped expert FFN on pool-combined weights; weights recomputed in backward.
 
     Inputs: ``x_TH`` tokens grouped by local expert (``counts[e]`` rows for expert e),
-    ``probs_T`` routing prob of each row, ``A_nP`` the combination rows of the n local experts,
-    pool tensors ``w1_PHF``, ``w2_PFH``, ``w3_PHF`` (None unless gated).
+    ``probs_T`` routing prob of each row, ``A_nP`` the combination rows of the n local experts
+    (None: the weights below are the n experts themselves, used without materialisation), pool tensors ``w1_PHF``, ``w2_PFH``, ``w3_PHF`` (None unless gated).
     """
 
     @staticmethod
@@ -186,8 +192,9 @@ def materialized_expert_ffn(
 ) -> torch.Tensor:
     """y_TH of the n local experts built from the pool by ``A_nP`` (see module docstring)."""
     counts = tuple(int(c) for c in counts)
-    if len(counts) != A_nP.shape[0]:
-        raise ValueError(f"{len(counts)} token counts for {A_nP.shape[0]} local experts")
+    n_local = w1_PHF.shape[0] if A_nP is None else A_nP.shape[0]
+    if len(counts) != n_local:
+        raise ValueError(f"{len(counts)} token counts for {n_local} local experts")
     if sum(counts) != x_TH.shape[0]:
         raise ValueError(f"token counts sum to {sum(counts)} but {x_TH.shape[0]} tokens were given")
     return MaterializedExpertFFN.apply(x_TH, probs_T, A_nP, w1_PHF, w2_PFH, w3_PHF, counts, activation)

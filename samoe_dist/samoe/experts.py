@@ -21,13 +21,15 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from samoe_dist.config import SaMoEConfig
-from samoe_dist.samoe.combination import combination_weights, init_combination_logits, row_entropy
+from samoe_dist.samoe.combination import (combination_weights, init_combination_logits, peak_mass,
+                                          peaked_pool_index, row_entropy)
 from samoe_dist.samoe.expert_ffn import materialize, materialized_expert_ffn
 from samoe_dist.samoe.pool import ExpertPool, PoolRef
 
 
 class SaMoEExperts(MegatronModule):
-    """The N experts of one MoE layer as ``A = softmax(C / tau)`` (top-m optional) times the pool."""
+    """The N experts of one MoE layer as ``A = softmax(C / tau)`` (top-m optional; or ``A = C``)
+    times the pool; with shared routing (``--samoe-route-to-pool``) the N = P pool experts as they are."""
 
     def __init__(
         self,
@@ -62,18 +64,32 @@ class SaMoEExperts(MegatronModule):
         if pool_ref.pool is not None:
             self._check_pool(pool_ref.pool)
 
+        self.route_to_pool = samoe.samoe_route_to_pool
+        if self.route_to_pool:
+            # Shared routing: layer expert e IS pool expert e (N = P); nothing to learn or draw.
+            if self.num_experts != self.pool_size:
+                raise ValueError(f"--samoe-route-to-pool needs --num-experts ({self.num_experts}) equal to "
+                                 f"--samoe-pool-size ({self.pool_size})")
+            self.combination_logits = None
+            return
         # C_NP, drawn from its own generator seeded off torch's RNG: a seeded model is reproducible.
+        linear = samoe.samoe_combination == "linear"
         seed = int(torch.randint(0, 2**62, (1,)).item())
         logits_NP = init_combination_logits(
             self.num_experts,
             self.pool_size,
             moe_layer_index,
             init=samoe.samoe_init,
-            peak=samoe.samoe_init_peak,
+            peak=1.0 if linear else samoe.init_peak_logit(),
             noise=samoe.samoe_init_noise,
             generator=torch.Generator().manual_seed(seed),
             dtype=config.params_dtype,
         )
+        if linear:  # one-hot rows: no offset on top of the noise elsewhere
+            logits_NP = logits_NP.float()
+            logits_NP[torch.arange(self.num_experts), peaked_pool_index(self.num_experts, self.pool_size,
+                                                                        moe_layer_index)] = 1.0
+            logits_NP = logits_NP.to(config.params_dtype)
         device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
         self.combination_logits = torch.nn.Parameter(logits_NP.to(device))
 
@@ -96,14 +112,18 @@ class SaMoEExperts(MegatronModule):
             )
 
     def combination_weights(self) -> torch.Tensor:
-        """A_NP for all N layer experts (differentiable in the combination logits).
+        """A_NP for all N layer experts (differentiable in the combination logits; the identity,
+        a constant, under shared routing).
 
         The softmax runs in fp32 when the logits are bf16/fp16 (as megatron's router does).
         """
+        if self.route_to_pool:
+            return torch.eye(self.num_experts, device=self.pool.w1.device)
         logits_NP = self.combination_logits
         if logits_NP.dtype in (torch.float16, torch.bfloat16):
             logits_NP = logits_NP.float()
-        return combination_weights(logits_NP, self.samoe.samoe_temperature, self.samoe.samoe_top_m)
+        s = self.samoe
+        return combination_weights(logits_NP, s.samoe_temperature, s.samoe_top_m, s.samoe_combination)
 
     @torch.no_grad()
     def combination_entropy(self) -> torch.Tensor:
@@ -111,8 +131,16 @@ class SaMoEExperts(MegatronModule):
         return row_entropy(self.combination_weights())
 
     @torch.no_grad()
+    def combination_peak_mass(self) -> torch.Tensor:
+        """Mean share of each row of A on the pool expert it started peaked on (1: not moved)."""
+        peak_N = peaked_pool_index(self.num_experts, self.pool_size, self.moe_layer_index)
+        return peak_mass(self.combination_weights(), peak_N)
+
+    @torch.no_grad()
     def materialized_experts(self) -> tuple:
         """(W1_NHF, W2_NFH[, W3_NHF]) of all N layer experts, detached (tests and export)."""
+        if self.route_to_pool:
+            return tuple(w.detach().clone() for w in self.pool.tensors() if w is not None)
         A_NP = self.combination_weights()
         out = []
         for w in self.pool.tensors():
@@ -140,8 +168,11 @@ class SaMoEExperts(MegatronModule):
                 f"SaMoE experts got {x_TH.dtype} tokens but the pool is {w1.dtype}: convert the "
                 "pool with the model (register it with attach_pool before any .to()/bf16 wrapping)"
             )
-        lo = self.local_expert_offset
-        A_own_nP = self.combination_weights()[lo : lo + self.num_local_experts].to(w1.dtype)
+        lo, hi = self.local_expert_offset, self.local_expert_offset + self.num_local_experts
+        if self.route_to_pool:  # the owned pool experts themselves (A = I): no materialisation
+            own = [None if w is None else w[lo:hi] for w in (w1, w2, w3)]
+            return materialized_expert_ffn(x_TH, probs_T, counts, None, *own, self.config.activation_func), None
+        A_own_nP = self.combination_weights()[lo:hi].to(w1.dtype)
         y_TH = materialized_expert_ffn(
             x_TH, probs_T, counts, A_own_nP, w1, w2, w3, self.config.activation_func
         )

@@ -4,7 +4,7 @@ For world sizes 2 and 4 and every expert-parallel size of them, 3 optimizer step
 GPT give the same losses, gradient norms and parameters after every step as one process training
 on the same global batch; top-1 and top-2 dropless routing; ZeRO 0, 1 and 2 across the cases. The
 standard-MoE peer (megatron's experts, reduced over DeepSpeed's expert-data-parallel groups) is
-checked the same way.
+checked the same way, and so is shared routing (each layer's router picks among the pool's experts).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def _args(tmp, corpus, tok, kind: str, topk: int, ep: int, zero: int, *extra: st
     kind_args = ["--num-experts", "4", "--moe-router-topk", str(topk)]
     if kind == "samoe":
         kind_args += ["--samoe-pool-size", "3", "--samoe-init", "random"]
+    elif kind == "shared":  # shared routing: each layer routes to the 4 pool experts directly
+        kind_args += ["--samoe-pool-size", "4", "--samoe-route-to-pool"]
     return ["--ds_config", str(ds), "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
             "--seq-length", "32", "--data-path", str(corpus), "--tokenizer-model", str(tok),
             "--data-cache-path", str(tmp), "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -90,6 +92,17 @@ def test_samoe_matches_single_process(tmp_path, tmp_path_factory, tiny_corpus, w
 def test_standard_moe_peer_matches_single_process(tmp_path, tmp_path_factory, tiny_corpus, world, ep, zero):
     ref = _reference(tmp_path_factory, tiny_corpus, "moe", 2)
     runs = run_world(world, _args(tmp_path, *tiny_corpus, "moe", 2, ep, zero), STEPS, tmp_path / "out",
+                     probe=_grad_norm)
+    _assert_same_run(runs, ref)
+
+
+@pytest.mark.parametrize("world, ep, topk, zero", [(2, 2, 1, 0), (4, 2, 2, 1)])
+def test_shared_routing_matches_single_process(tmp_path, tmp_path_factory, tiny_corpus, world, ep, topk, zero):
+    """Shared routing (--samoe-route-to-pool) at EP=2 and EP2 x DP2: every layer's tokens reach the
+    pool experts' owners by the all-to-all, and the pool's gradient, used by both layers, is reduced
+    over the world as SaMoE's is."""
+    ref = _reference(tmp_path_factory, tiny_corpus, "shared", topk)
+    runs = run_world(world, _args(tmp_path, *tiny_corpus, "shared", topk, ep, zero), STEPS, tmp_path / "out",
                      probe=_grad_norm)
     _assert_same_run(runs, ref)
 

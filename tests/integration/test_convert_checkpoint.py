@@ -1,6 +1,6 @@
 """tools/convert_checkpoint.py reshard, end to end with the real launcher.
 
-A SaMoE and a standard-MoE model train for a few steps at expert-parallel size 2 on 2 processes and
+A SaMoE, a shared-routing and a standard-MoE model train for a few steps at expert-parallel size 2 on 2 processes and
 save. ``reshard`` writes weights-only checkpoints for other layouts, and the trainer loads them
 there with a fresh optimizer, continuing the data stream and LR schedule at the source's iteration.
 The loss is the check that the model survived:
@@ -26,7 +26,9 @@ COMMON = ["--num-experts", "4", "--micro-batch-size", "2", "--global-batch-size"
           "--lr-warmup-iters", "1"]
 # (EP size, processes) each checkpoint is loaded at: one launch per kind keeps the test near a minute
 # (a 4-process launch costs ~20 s on 2 CPU cores, a 1-process one ~8 s, a 2-process one ~12 s).
-TARGETS = {"samoe": (4, 4), "moe": (1, 1)}
+TARGETS = {"samoe": (4, 4), "moe": (1, 1), "shared": (1, 2)}
+KIND_FLAGS = {"samoe": ["--samoe-pool-size", "2"], "moe": [],
+              "shared": ["--samoe-pool-size", "4", "--samoe-route-to-pool", "--moe-router-topk", "1"]}
 
 
 def convert(*argv: str) -> subprocess.CompletedProcess:
@@ -62,7 +64,7 @@ def plain_losses(args: list[str], world_size: int, ckpt, tmp_path, consumed: int
 @pytest.mark.parametrize("kind", list(TARGETS))
 def test_reshard_loads_at_another_expert_parallel_size(tmp_path, tiny_corpus, kind):
     corpus, tok = tiny_corpus
-    model_flags = [*COMMON, *(["--samoe-pool-size", "2"] if kind == "samoe" else [])]
+    model_flags = [*COMMON, *KIND_FLAGS[kind]]
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "train.jsonl"
     run = run_launcher(2, tiny_model_args(tmp_path, corpus, tok, *model_flags, "--expert-model-parallel-size", "2",
                                           "--train-iters", "3", "--save", str(ckpt), "--metrics-file", str(metrics)))

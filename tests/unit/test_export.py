@@ -39,6 +39,9 @@ CASES = {
     "samoe-dense-combination-rope": [*SAMOE, "--samoe-temperature", "0.5", "--samoe-init", "random"],
     "samoe-top-m-swiglu-learned-rmsnorm": [*SAMOE, "--samoe-top-m", "2", "--swiglu", "--normalization", "RMSNorm",
                                            "--position-embedding-type", "learned_absolute", "--samoe-init", "random"],
+    "samoe-linear-combination": [*SAMOE, "--samoe-combination", "linear"],
+    "shared-routing-top1-swiglu": ["--num-experts", "4", "--samoe-pool-size", "4", "--samoe-route-to-pool",
+                                   "--moe-router-topk", "1", "--swiglu"],
 }
 
 
