@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+
+import numpy
 from typing import Optional
 
 logger = logging.getLogger("samoe")
@@ -69,6 +71,9 @@ class MetricsWriter:
             step = record.get("iteration", 0)
             prefix = record.get("type", "train")
             for key, value in record.items():
+                if key in PER_EXPERT_KEYS:  # distributions over experts: histograms, not 128 scalars
+                    self._tb.add_histogram(f"{prefix}/{key}", numpy.asarray(_flat(value), dtype=numpy.float64), step)
+                    continue
                 for tag, scalar in _scalars(f"{prefix}/{key}", value):
                     self._tb.add_scalar(tag, scalar, step)
 
@@ -77,6 +82,17 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+# Gradient-flow figures (samoe_dist.gradient_flow): one value per expert, logged to TensorBoard as a
+# histogram per record (the metrics file keeps every value).
+PER_EXPERT_KEYS = ("expert_tokens_received", "pool_tokens", "expert_grad_norm", "pool_grad_norm")
+
+
+def _flat(value) -> list:
+    if isinstance(value, list):
+        return [x for item in value for x in _flat(item)]
+    return [value]
 
 
 def _scalars(tag: str, value, depth: int = 0):

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from samoe_dist import cpu_compat
 from samoe_dist.config import RunConfig
+from samoe_dist.gradient_flow import ReceivedTokens
 from samoe_dist.init import initialize_parameters
 from samoe_dist.router import ExplicitLossRouter
 
@@ -109,12 +110,19 @@ class GPTLM(torch.nn.Module):
             from samoe_dist.samoe.pool import attach_pool
 
             attach_pool(self.gpt, pool)
+        from megatron.core.transformer.moe.moe_layer import MoELayer
+
         self.routers = [m for m in self.gpt.modules() if isinstance(m, ExplicitLossRouter)]
+        self.moe_layers = [m for m in self.gpt.modules() if isinstance(m, MoELayer)]
         self.samoe_experts = [m for m in self.gpt.modules() if hasattr(m, "combination_entropy")]
+        self._received = ReceivedTokens(self.moe_layers)
         self._load: Optional[torch.Tensor] = None  # [L_moe, N] tokens routed since expert_loads()
+        self._received_sum: Optional[torch.Tensor] = None  # [L_moe, n_local] tokens the experts received
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
-        self.collect_aux_losses()  # drop values a checkpoint recompute may have left behind
+        # drop values (aux losses, counts) a checkpoint recompute may have left behind
+        self.collect_aux_losses()
+        self._pop_counts()
         per_token = self.gpt(tokens, _positions(tokens), None, labels=labels)  # [b, s] fp32 CE
         self._count_tokens()
         mask = loss_mask.to(per_token.dtype)
@@ -138,21 +146,36 @@ class GPTLM(torch.nn.Module):
     @torch.no_grad()
     def combination_entropies(self) -> list[float]:
         """Mean row entropy of each SaMoE layer's A_l (nats; log P when uniform, 0 when one-hot)."""
-        return [float(m.combination_entropy()) for m in self.samoe_experts]
+        return [float(m.combination_entropy()) for m in self.samoe_experts if not m.route_to_pool]
+
+    @torch.no_grad()
+    def combination_peak_masses(self) -> list[float]:
+        """Mean share of each SaMoE layer's A_l rows on their initial peak pool expert (1: unmoved)."""
+        return [float(m.combination_peak_mass()) for m in self.samoe_experts if not m.route_to_pool]
+
+    def _pop_counts(self) -> tuple:
+        return [r.pop_counts() for r in self.routers], self._received.pop()
 
     def _count_tokens(self) -> None:
-        counts = [r.pop_counts() for r in self.routers]
+        counts, received = self._pop_counts()
         if counts and all(c is not None for c in counts):
             step = torch.stack(counts)
             self._load = step if self._load is None else self._load + step
+        if received is not None:
+            self._received_sum = received if self._received_sum is None else self._received_sum + received
 
-    def expert_loads(self) -> torch.Tensor:
-        """Tokens this rank routed to each expert of each MoE layer since the last call [L_moe, N]."""
+    def expert_loads(self) -> tuple:
+        """Tokens this rank routed to each expert of each MoE layer [L_moe, N], and tokens this
+        rank's local experts received from the dispatcher [L_moe, n_local], since the last call
+        (on the CPU, float64)."""
         load, self._load = self._load, None
+        received, self._received_sum = self._received_sum, None
         if load is None:
             n = self.gpt.config.num_moe_experts or 0
-            return torch.zeros(len(self.routers), n, dtype=torch.float64)
-        return load.cpu()
+            load = torch.zeros(len(self.routers), n, dtype=torch.float64)
+        if received is None:
+            received = torch.zeros(len(self.moe_layers), 0, dtype=torch.float64)
+        return load.cpu(), received.cpu()
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [b, s, V] (inference and evaluation)."""

@@ -76,6 +76,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.last_grad_norm = float("nan")
+        self._grad_flow: dict = {}  # per-expert gradient norms of the step being logged
         self._start_time = time.time()
         self._sigterm = SigtermFlag()
         self.metrics = MetricsWriter(self.groups.is_main, tr.metrics_file, tr.tensorboard_dir)
@@ -101,6 +102,8 @@ class Trainer:
             self.engine.backward(loss)
             if micro_step == self.gas - 1:
                 own_norm = self._reduced_grad_norm()
+                if self._is_log_iteration(self.iteration + 1):
+                    self._grad_flow = self._expert_grad_norms()
             self.engine.step()
             for name, value in parts.items():
                 sums[_key(name)] = sums.get(_key(name), 0.0) + float(value) / self.gas
@@ -178,15 +181,19 @@ class Trainer:
             if not math.isfinite(rec["lm_loss"]):
                 raise FloatingPointError(f"lm loss is {rec['lm_loss']} at iteration {self.iteration}: "
                                          f"lower --lr or check the data; the last checkpoint is untouched")
-            if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
+            if self._is_log_iteration(self.iteration):
                 rec.update(self._expert_load())
+                rec.update(self._grad_flow)
+                self._grad_flow = {}
                 entropies = self.model.combination_entropies()
                 if entropies:
                     rec["combination_entropy_per_layer"] = entropies
                     rec["combination_entropy"] = sum(entropies) / len(entropies)
+                    rec["combination_peak_mass_per_layer"] = self.model.combination_peak_masses()
+                    rec["combination_peak_mass"] = sum(rec["combination_peak_mass_per_layer"]) / len(entropies)
             self.metrics.write(rec)
             window.append(rec)
-            if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
+            if self._is_log_iteration(self.iteration):
                 self._log_window(window, time.time() - t_last, tokens_per_step)
                 window, t_last = [], time.time()
             if tr.eval_interval and self.iteration % tr.eval_interval == 0 and self.iteration < tr.train_iters:
@@ -240,24 +247,64 @@ class Trainer:
             return f"--exit-interval {tr.exit_interval}"
         return None
 
+    def _is_log_iteration(self, iteration: int) -> bool:
+        tr = self.cfg.training
+        return iteration % tr.log_interval == 0 or iteration == tr.train_iters
+
+    def _expert_offset(self) -> int:
+        return self.groups.ep_rank * (self.cfg.moe.num_experts // self.groups.ep_size)
+
+    def _expert_grad_norms(self) -> dict:
+        """Per-expert gradient norms of the step being taken (samoe_dist.gradient_flow), read after
+        the last backward and before the optimizer step. A collective: all ranks call it."""
+        from samoe_dist import gradient_flow
+
+        out = {}
+        gpt = self.model.gpt
+        if getattr(gpt, "samoe_pool", None) is not None:
+            norms = gradient_flow.pool_grad_norms(gpt.samoe_pool)
+            if norms is not None:
+                out["pool_grad_norm"] = norms.cpu().tolist()
+        elif self.model.moe_layers:
+            device = self.engine.device
+            sq = gradient_flow.expert_grad_sq_norms(self.model.moe_layers, self.cfg.moe.num_experts,
+                                                    self._expert_offset(), device)
+            if self.groups.ep_size > 1:
+                dist.all_reduce(sq, group=self.groups.ep_group)  # each EP rank fills its own experts
+            out["expert_grad_norm"] = sq.sqrt().cpu().tolist()
+        return out
+
     def _expert_load(self) -> dict:
-        """Tokens routed to each expert since the last log, per rank and as global fractions.
+        """Tokens routed to each expert since the last log, per rank and as global fractions; tokens
+        each layer expert (and pool expert) received (samoe_dist.gradient_flow).
 
         A collective (all ranks call it at the same iterations); empty for a dense model.
         """
-        local = self.model.expert_loads()  # [L_moe, N] float64
+        local, received_local = self.model.expert_loads()  # [L_moe, N], [L_moe, n_local] float64
         if local.numel() == 0:
             return {}
+        received = torch.zeros_like(local)  # [L_moe, N]: this rank's experts at their global index
+        lo = self._expert_offset()
+        received[:, lo:lo + received_local.shape[1]] = received_local
         if dist.is_initialized() and dist.get_world_size() > 1:
             device = self.engine.device
             gathered = [torch.zeros_like(local, device=device) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, local.to(device))
             per_rank = torch.stack(gathered).cpu()  # [W, L_moe, N]
+            received = received.to(device)
+            dist.all_reduce(received)
+            received = received.cpu()
         else:
             per_rank = local.unsqueeze(0)
         total = per_rank.sum(0)
         frac = total / total.sum(-1, keepdim=True).clamp(min=1.0)
-        return {"expert_load": frac.tolist(), "expert_tokens_per_rank": per_rank.tolist()}
+        out = {"expert_load": frac.tolist(), "expert_tokens_per_rank": per_rank.tolist(),
+               "expert_tokens_received": received.tolist()}
+        if self.model.samoe_experts:
+            from samoe_dist.gradient_flow import pool_tokens
+
+            out["pool_tokens"] = pool_tokens(self.model.samoe_experts, received).cpu().tolist()
+        return out
 
     def _log_validation(self, loss: float, final: bool = False) -> None:
         ppl = math.exp(min(loss, 50.0))

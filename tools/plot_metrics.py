@@ -7,6 +7,8 @@ Writes PNGs to --output:
   loss_vs_tokens.png      training lm loss (smoothed) and validation loss against tokens seen
   loss_vs_params.png      final validation loss against total and expert parameters (one point per run)
   combination_entropy.png mean row entropy of the SaMoE combinations A_l over training (SaMoE runs)
+  gradient_flow.png       per-expert gradient norm and tokens received over training: median and
+                          10-90% band over the experts (a standard MoE's L*N experts, a pool's P)
 A run is LABEL=PATH, or PATH (labelled by its directory name).
 """
 
@@ -130,6 +132,59 @@ def plot_entropy(runs: dict[str, dict], out: Path) -> Path | None:
     return _save(fig, out / "combination_entropy.png")
 
 
+QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def quantiles(values: list[float]) -> list[float]:
+    """min, 10%, median, 90%, max of ``values`` (nearest rank)."""
+    xs = sorted(values)
+    return [xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] for q in QUANTILES]
+
+
+def flow_of(rec: dict) -> tuple[list, list] | None:
+    """(per-expert gradient norms, per-expert tokens) of one logged record: the pool's experts for a
+    pool model (tokens: the A-weighted ones), the layers' experts for a standard MoE."""
+    grads = rec.get("pool_grad_norm") or rec.get("expert_grad_norm")
+    if not grads or "expert_tokens_received" not in rec:
+        return None
+    flat = lambda v: [x for row in v for x in row] if isinstance(v[0], list) else list(v)  # noqa: E731
+    tokens = rec.get("pool_tokens") or rec["expert_tokens_received"]
+    return flat(grads), flat(tokens)
+
+
+def plot_flow_bands(ax, iterations: list, qs: list, label: str, color=None) -> None:
+    """The median of per-expert values over training, with the 10-90% band shaded."""
+    line, = ax.plot(iterations, [q[2] for q in qs], label=label, color=color)
+    ax.fill_between(iterations, [q[1] for q in qs], [q[3] for q in qs], color=line.get_color(), alpha=0.2)
+
+
+def plot_gradient_flow(runs: dict[str, dict], out: Path) -> Path | None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = False
+    for label, run in runs.items():
+        recs = [(r["iteration"], flow_of(r)) for r in run["train"]]
+        recs = [(it, f) for it, f in recs if f is not None]
+        if not recs:
+            continue
+        drawn = True
+        its = [it for it, _ in recs]
+        kind = "pool" if "pool_grad_norm" in run["train"][-1] else "experts"
+        for ax, i in zip(axes, (0, 1)):
+            plot_flow_bands(ax, its, [quantiles(f[i]) for _, f in recs], f"{label} ({kind})")
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set_ylabel("per-expert gradient norm")
+    axes[1].set_ylabel("tokens per expert per log interval")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("gradient flow: median and 10-90% band over experts")
+    return _save(fig, out / "gradient_flow.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="LABEL=METRICS.jsonl or METRICS.jsonl")
@@ -143,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[label or path_.parent.name or path_.stem] = read_run(path_)
     out = Path(args.output)
     os.makedirs(out, exist_ok=True)
-    written = [plot_loss_vs_tokens(runs, out, args.smooth), plot_loss_vs_params(runs, out), plot_entropy(runs, out)]
+    written = [plot_loss_vs_tokens(runs, out, args.smooth), plot_loss_vs_params(runs, out), plot_entropy(runs, out),
+               plot_gradient_flow(runs, out)]
     for p in written:
         if p is not None:
             print(p)

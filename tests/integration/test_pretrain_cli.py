@@ -13,6 +13,7 @@ KINDS = {
     "dense": [],
     "moe": ["--num-experts", "4", "--moe-router-topk", "2", "--moe-z-loss-coeff", "1e-3"],
     "samoe": ["--num-experts", "4", "--moe-router-topk", "2", "--samoe-pool-size", "2"],
+    "shared": ["--num-experts", "4", "--moe-router-topk", "1", "--samoe-pool-size", "4", "--samoe-route-to-pool"],
 }
 
 
@@ -59,6 +60,15 @@ def test_trains_and_reports(trained, kind):
         assert "combination entropy:" in run.stdout + run.stderr
     else:
         assert not logged
+    flow = [r for r in train if "expert_tokens_received" in r]
+    if kind != "dense":  # per-expert gradient flow at every log interval: standard experts or the pool's
+        assert [r["iteration"] for r in flow] == [10, 20, 30]
+        # [MoE layers][experts] for a standard MoE; [P] for a pool (2 for SaMoE, 4 for shared routing)
+        key, size = {"moe": ("expert_grad_norm", 2), "samoe": ("pool_grad_norm", 2), "shared": ("pool_grad_norm", 4)}[kind]
+        assert all(key in r and len(r[key]) == size for r in flow)
+        assert all(sum(map(sum, r["expert_tokens_received"])) > 0 for r in flow)
+    else:
+        assert not flow
 
 
 def test_parameter_accounting(trained):
@@ -75,6 +85,11 @@ def test_parameter_accounting(trained):
     # same active compute per token for both MoE kinds
     assert params["moe"]["active_per_token"] == params["samoe"]["active_per_token"]
     assert params["moe"]["total"] - params["samoe"]["total"] == (layers_moe * n - pool) * expert - layers_moe * n * pool
+    # shared routing: the pool of 4 experts, no combination, a router over the pool, top-1
+    shared = params["shared"]
+    assert shared["expert"] == shared["pool"] == n * expert and shared["combination"] == 0
+    assert shared["router"] == layers_moe * n * h
+    assert shared["active_per_token"] == shared["dense"] + shared["router"] + layers_moe * 1 * expert
 
 
 def test_vocab_mismatch_is_one_line(tmp_path, tiny_corpus):
@@ -114,3 +129,9 @@ def test_expert_parallel_from_the_cli(tmp_path, tiny_corpus, nprocs, ep):
     tokens_per_rank = 2 * 2 * 32  # micro-batch x steps x seq
     assert all(sum(layer) == 2 * tokens_per_rank for rank in per_rank for layer in rank)
     assert abs(sum(rec["expert_load"][0]) - 1.0) < 1e-9
+    # gradient flow: what the experts received (on their own EP rank) is what all ranks routed to them
+    routed = [[sum(rank[layer][e] for rank in per_rank) for e in range(4)] for layer in range(2)]
+    assert rec["expert_tokens_received"] == routed
+    served = rec["pool_tokens"]  # [P]: the A-weighted sum over layers and experts
+    assert len(served) == 2 and abs(sum(served) - sum(map(sum, routed))) < 1e-6 * sum(map(sum, routed))
+    assert len(rec["pool_grad_norm"]) == 2 and all(g > 0 for g in rec["pool_grad_norm"])
