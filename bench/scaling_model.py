@@ -3,7 +3,7 @@
 
     python bench/scaling_model.py [--markdown FILE]
 
-Model (SAMOE.md sections 3 and 4; bf16 weights, fp32 gradient communication and Adam states,
+Model (DESIGN.md sections 3 and 4; bf16 weights, fp32 gradient communication and Adam states,
 ZeRO-1 partitioning of the optimizer states, ring collectives, world W = DP x EP, TP = PP = 1):
 
 - all-to-all: each MoE layer sends each token's hidden vector to its k experts' ranks and back, in

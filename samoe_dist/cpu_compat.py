@@ -1,6 +1,6 @@
 """What megatron-core 0.16.1 and DeepSpeed 0.19.8 need to run on a machine without CUDA.
 
-Every patch here is small, targeted at one documented breakage (../shared/PLATFORM.md), and
+Every patch here is small, targeted at one breakage documented below, and
 applied once by :func:`apply`, which is a no-op when CUDA is available. The numbered list matches
 the breakages it fixes:
 

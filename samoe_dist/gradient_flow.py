@@ -1,4 +1,4 @@
-"""Gradient-flow analytics: tokens received and gradient norm of every expert (SAMOE.md §2).
+"""Gradient-flow analytics: tokens received and gradient norm of every expert (DESIGN.md §2).
 
 SaMoE's stated mechanism is that a layer's experts, each seeing about k/N of its layer's tokens,
 are starved of gradient as N grows, while a pool expert collects gradient from every layer that

@@ -18,7 +18,7 @@ the logits equal the training model's to fp32 rounding:
   the gate applied to the fc2 input as megatron does.
 - SaMoE layer: the same, with layer expert ``e = sum_p A[e, p] * pool[p]``,
   ``A = softmax(C / tau)``, only the top-m logits of a row kept when ``0 < m < P``, or ``A = C``
-  (a linear combination); with shared routing the layer's N = P experts are the pool's (SAMOE.md §2).
+  (a linear combination); with shared routing the layer's N = P experts are the pool's (DESIGN.md §2).
 
 One layout differs from megatron's: ``attn.qkv.weight`` rows are ``[q heads; k heads; v heads]``
 (megatron interleaves them per head); ``samoe_dist.export.names`` converts between the two exactly.

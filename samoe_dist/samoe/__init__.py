@@ -1,6 +1,6 @@
 """SaMoE: each MoE layer's experts are a learned soft combination of one shared expert pool.
 
-The pieces, one concern per file (SAMOE.md is the spec):
+The pieces, one concern per file (DESIGN.md is the spec):
 
 - :mod:`.pool`          ExpertPool (the P stacked expert FFNs), PoolRef, attach_pool
 - :mod:`.combination`   A = softmax(C / tau) (optional top-m) and the initialisation of C

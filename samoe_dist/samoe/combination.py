@@ -1,6 +1,6 @@
 """Combination weights A_l = softmax(C_l / tau) (optionally top-m sparse) or A_l = C_l, and the init of C_l.
 
-SAMOE.md §2: each of a layer's N experts is a combination of the P pool experts, with row e of
+DESIGN.md §2: each of a layer's N experts is a combination of the P pool experts, with row e of
 ``A_NP`` the weights of layer expert e: convex (``'softmax'``, the method's form) or signed
 (``'linear'``, a variant). §2 (initialisation): rows start peaked on distinct pool experts so the N
 experts of a layer differ from the first step.

@@ -1,6 +1,6 @@
 """Materialise a rank's layer experts from the pool and run them, without keeping the weights.
 
-SAMOE.md §3: the materialised ``W1_l = A_l @ W1_pool`` is as large as a standard MoE layer's
+DESIGN.md §3: the materialised ``W1_l = A_l @ W1_pool`` is as large as a standard MoE layer's
 experts, so it must not live until backward. :class:`MaterializedExpertFFN` saves only the
 tokens, the per-token probs, the owned combination rows, the pool tensors (parameters, stored
 anyway) and the pre-activations; backward rematerialises one weight at a time, uses it for the

@@ -6,7 +6,7 @@ SequentialMLP's: tokens arrive grouped by local expert, ``tokens_per_expert[e]``
 the routing prob of each row, and the result is ``(output, None)``.
 
 This layer owns its combination logits ``C_NP`` (all N rows on every rank, a dense replicated
-parameter: rows of experts another rank owns simply get zero gradient here, SAMOE.md §4). The
+parameter: rows of experts another rank owns simply get zero gradient here, DESIGN.md §4). The
 pool is reached through a :class:`~samoe_dist.samoe.pool.PoolRef` and is not a submodule.
 Local experts are the global experts ``ep_rank*n_local .. ep_rank*n_local + n_local - 1`` of the
 EP group handed in, as megatron's BaseMoELayer numbers them.

@@ -1,9 +1,9 @@
-"""The shared expert pool: P expert FFNs used by every SaMoE layer of the model (SAMOE.md §2).
+"""The shared expert pool: P expert FFNs used by every SaMoE layer of the model (DESIGN.md §2).
 
 The pool is registered ONCE, at model level (:func:`attach_pool`); the layers reach it through a
 :class:`PoolRef`, a plain holder that is not a ``torch.nn.Module``, so the pool is neither a
 submodule nor a parameter of any layer. The state dict therefore holds each pool tensor once, and
-the pool's gradient hooks fire once per tensor however many layers use it (SAMOE.md §4).
+the pool's gradient hooks fire once per tensor however many layers use it (DESIGN.md §4).
 
 Layout matches megatron-core's expert MLP so weights map one to one (``linear_fc1.weight`` is
 ``[f, h]`` or ``[2f, h]`` gated, ``linear_fc2.weight`` is ``[h, f]``)::

@@ -1,7 +1,7 @@
 """The oracle: a top-k MoE layer and a SaMoE layer in plain torch, loops over tokens and experts.
 
 Written for clarity, from the definitions, with no megatron and no process groups. Every
-distributed or megatron-based configuration must match it (SAMOE.md §4). Its routing semantics
+distributed or megatron-based configuration must match it (DESIGN.md §4). Its routing semantics
 are those of megatron-core 0.16.1's TopKRouter with the softmax score function:
 
 - logits = x @ Wr^T (Wr is megatron's ``router.weight`` [N, h]).
@@ -178,7 +178,7 @@ def reference_samoe_layer(
     gated: bool = False,
     return_kept: bool = False,
 ):
-    """A SaMoE layer: materialise the layer's experts from the pool (SAMOE.md §2), then the
+    """A SaMoE layer: materialise the layer's experts from the pool (DESIGN.md §2), then the
     standard reference layer. Returns what :func:`reference_moe_layer` returns."""
     A_NP = reference_combination_weights(combination_logits_NP, temperature, top_m)
     experts = reference_materialize(A_NP, pool)

@@ -2,7 +2,7 @@
 
 A model builder does not need these (it builds whole GPTModels from the specs); they make one
 MoELayer of either kind from a handful of numbers, and copy pool experts into a standard layer
-(the degenerate-case check of SAMOE.md §2).
+(the degenerate-case check of DESIGN.md §2).
 """
 
 from __future__ import annotations
