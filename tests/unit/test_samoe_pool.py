@@ -98,7 +98,7 @@ def test_one_hot_pool_of_L_times_N_is_megatrons_standard_moe(seeded, gated):
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
 def test_pool_gradient_is_the_combination_weighted_sum_of_layer_expert_gradients(seeded, dispatcher):
-    """dLoss/dW_pool[p] = sum_l sum_e A_l[e, p] * dLoss/dW_l[e] (SAMOE.md §2), on 2 layers in sequence."""
+    """dLoss/dW_pool[p] = sum_l sum_e A_l[e, p] * dLoss/dW_l[e] (DESIGN.md §2), on 2 layers in sequence."""
     P = 3
     cfg = _config(gated=False, dispatcher=dispatcher)
     samoe = SaMoEConfig(samoe_pool_size=P, samoe_temperature=0.8, samoe_init="random")
