@@ -1,7 +1,8 @@
 # Megatron-style grouped flag arrays for the SaMoE paper configurations. Sourced by the launch
 # scripts; the choices come from the environment:
 #   SIZE=350m|1.3b        dense base model (GPT-3 shapes)
-#   KIND=samoe|moe|dense  SaMoE (shared pool), its standard-MoE twin, or the dense base
+#   KIND=samoe|moe|shared|dense  SaMoE (shared pool), its standard-MoE twin, shared routing (each
+#                         MoE layer's router picks among the POOL pool experts directly), or the dense base
 #   POOL=<P>              SaMoE pool size (default 256: 12 MoE layers x 128 experts = 1536 -> 6x fewer)
 #   EP=<size>             expert-parallel size (default 8)
 #   DATA_PATH, TOKENIZER_MODEL, RUN_DIR, DS_CONFIG, TRAIN_ITERS, GLOBAL_BATCH, MICRO_BATCH
@@ -24,11 +25,13 @@ MOE_ARGS=()
 case "$KIND" in
   samoe) MOE_ARGS=(--num-experts 128 --moe-layer-freq 2 --moe-router-topk 1 --moe-aux-loss-coeff 0.01
                    --moe-expert-capacity-factor 1.0 --samoe-pool-size "$POOL" --samoe-init peaked
-                   --samoe-init-peak 4.0 --samoe-temperature 1.0) ;;
+                   --samoe-init-peak-mass 0.95 --samoe-temperature 1.0) ;;
+  shared) MOE_ARGS=(--num-experts "$POOL" --moe-layer-freq 2 --moe-router-topk 1 --moe-aux-loss-coeff 0.01
+                   --moe-expert-capacity-factor 1.0 --samoe-pool-size "$POOL" --samoe-route-to-pool) ;;
   moe)   MOE_ARGS=(--num-experts 128 --moe-layer-freq 2 --moe-router-topk 1 --moe-aux-loss-coeff 0.01
                    --moe-expert-capacity-factor 1.0) ;;
   dense) MOE_ARGS=() ;;
-  *) echo "unknown KIND=$KIND (samoe, moe or dense)" >&2; return 2 2>/dev/null || exit 2 ;;
+  *) echo "unknown KIND=$KIND (samoe, moe, shared or dense)" >&2; return 2 2>/dev/null || exit 2 ;;
 esac
 
 PARALLEL_ARGS=()

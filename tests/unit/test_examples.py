@@ -38,19 +38,25 @@ def test_ds_configs_parse_and_merge(path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("size", ["350m", "1.3b"])
-@pytest.mark.parametrize("kind", ["samoe", "moe", "dense"])
+@pytest.mark.parametrize("kind", ["samoe", "moe", "shared", "dense"])
 def test_launch_scripts_arguments(script, size, kind):
     argv = _dry_run(script, SIZE=size, KIND=kind)
     cfg, ds = parse_args(argv)
     assert validate_layout(cfg, WORLD) == WORLD
     assert (REPO / ds).is_file()
-    assert cfg.kind == kind and cfg.training.bf16
+    assert cfg.kind == ("samoe" if kind == "shared" else kind) and cfg.training.bf16
+    if kind == "shared":  # shared routing: 256 pool experts routed to directly by every MoE layer
+        assert cfg.samoe.samoe_route_to_pool and cfg.moe.num_experts == cfg.samoe.samoe_pool_size == 256
+        assert cfg.parallel.expert_model_parallel_size == 8 and cfg.moe_layer_indices() == list(range(0, 24, 2))
+        assert cfg.training.save == cfg.training.load
+        return
     assert cfg.model.hidden_size == {"350m": 1024, "1.3b": 2048}[size] and cfg.model.num_layers == 24
     if kind != "dense":
         assert cfg.moe.num_experts == 128 and cfg.moe_layer_indices() == list(range(0, 24, 2))
         assert cfg.parallel.expert_model_parallel_size == 8
     if kind == "samoe":
         assert cfg.samoe.samoe_pool_size == 256  # 12 x 128 = 1536 layer experts from 256: 6x fewer
+        assert cfg.samoe.samoe_init_peak_mass == 0.95  # a mass: beta = 4 would put only 18% on the peak at P=256
     assert cfg.training.save == cfg.training.load  # resume-or-start on preemption
 
 
