@@ -131,8 +131,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_one(a, run: dict, seed: int) -> dict:
-    """Train one configuration with one seed; return its result record."""
+def run_one(a, run: dict, seed: int, extra_argv: tuple = ()) -> dict:
+    """Train one configuration with one seed; return its result record (``extra_argv``: more flags
+    for this run that are not part of its configuration, e.g. where to save)."""
     out = Path(a.run_dir) / f"{run['name']}-s{seed}"
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
@@ -140,7 +141,8 @@ def run_one(a, run: dict, seed: int) -> dict:
         metrics.unlink()
     # The later --ffn-hidden-size (the dense model's k*f) wins over the common one (argparse).
     argv = [sys.executable, str(REPO / "pretrain_samoe.py"), *common_flags(a), *run["flags"],
-            "--seed", str(seed), "--metrics-file", str(metrics), "--data-cache-path", str(out / "index_cache")]
+            "--seed", str(seed), "--metrics-file", str(metrics), "--data-cache-path", str(out / "index_cache"),
+            *extra_argv]
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296")
