@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import socket
@@ -35,6 +36,46 @@ def make_tiny_corpus(directory: Path, documents: int = 300, vocab_size: int = 16
             f.write(json.dumps({"text": "\n".join(lines)}) + "\n")
     model = train_tokenizer([jsonl], directory / "spm", vocab_size=vocab_size, byte_fallback=False)
     return jsonl, Path(model)
+
+
+# -- bf16 tolerances, derived from the rounding (not fitted to one machine's deviations) -------------
+# bfloat16 keeps 8 significand bits (7 stored): round to nearest has unit roundoff u = 2^-8, and each
+# rounding multiplies a value by (1 + d) with |d| <= u. A test states how many roundings separate
+# the computations it compares (their order, grouping or kernels may differ: another CPU's GEMM may
+# block its reductions differently), then takes one of these bounds.
+BF16_U = 2.0 ** -8
+
+
+def bf16_worst_case(roundings: int, computations: int = 1) -> float:
+    """Relative bound on ONE value through ``roundings`` bf16 roundings in each of ``computations``
+    computations compared (1: bf16 against an exact float64 oracle; 2: two bf16 computations).
+
+    To first order each rounding adds at most u of relative error (Higham's gamma_n ~ n*u), and two
+    computations differ by at most the sum of their errors. It bounds the largest of many
+    elementwise errors; relative to the size of the terms summed (use the tensor's scale, not
+    each element, where sums cancel).
+    """
+    return computations * roundings * BF16_U
+
+
+def bf16_aggregate(roundings: int, elements: int, computations: int = 2, sigmas: float = 3.0) -> float:
+    """Relative bound on the norm of the difference of two bf16 computations of a vector of
+    ``elements`` values, each through ``roundings`` roundings.
+
+    Round-to-nearest errors are independent and uniform in [-u, u] (variance u^2/3) and add like a
+    random walk: per element the difference has rms u*sqrt(computations*roundings/3), and the norm of
+    ``elements`` such differences concentrates at that rms times the vector's norm, with relative
+    spread 1/sqrt(2*elements); ``sigmas`` standard deviations of that spread are added.
+    """
+    rms = BF16_U * math.sqrt(computations * roundings / 3.0)
+    return rms * (1.0 + sigmas / math.sqrt(2.0 * elements))
+
+
+def bf16_mean(roundings: int, count: int, computations: int = 2, sigmas: float = 3.0) -> float:
+    """Relative bound on the difference of two bf16 computations of a MEAN of ``count`` values
+    whose rounding errors are independent (a loss averaged over tokens, each token's activations
+    rounded on their own): ``sigmas`` standard deviations of the per-value rms over sqrt(count)."""
+    return sigmas * BF16_U * math.sqrt(computations * roundings / 3.0) / math.sqrt(count)
 
 
 def free_port() -> int:
