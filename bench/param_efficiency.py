@@ -331,6 +331,41 @@ def report(a) -> None:
     print(f"wrote {a.markdown}" + (f" and {', '.join(figures.values())}" if figures else ""))
 
 
+def select(runs: list[dict], only) -> list[dict]:
+    """The runs named in ``only`` (comma-separated; all when empty); unknown names are an error."""
+    if not only:
+        return runs
+    wanted = set(only.split(","))
+    unknown = wanted - {r["name"] for r in runs}
+    if unknown:
+        raise SystemExit(f"error: --only names unknown runs {sorted(unknown)}; known: {[r['name'] for r in runs]}")
+    return [r for r in runs if r["name"] in wanted]
+
+
+def run_all(a, todo: list, done: int, runner, describe) -> list[str]:
+    """Run the (run, seed) items ``a.jobs`` at a time with ``runner(a, run, seed)``, appending each
+    record to ``a.output`` as it finishes (so an interrupted study resumes); returns the failures."""
+    print(f"{len(todo)} runs to do ({done} already in {a.output}), {a.jobs} at a time", flush=True)
+    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+
+    def job(item):
+        run, seed = item
+        try:
+            rec = runner(a, run, seed)
+        except RuntimeError as e:
+            failures.append(str(e))
+            print(str(e), file=sys.stderr, flush=True)
+            return
+        with open(a.output, "a") as f:  # one short append per run: whole lines
+            f.write(json.dumps(rec) + "\n")
+        print(f"{rec['name']} seed {seed}: {describe(rec)} ({rec['wall_s']:.0f} s)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        list(pool.map(job, todo))
+    return failures
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     if a.report_only:
@@ -339,35 +374,12 @@ def main(argv=None) -> None:
         if not (os.path.exists(path) or os.path.exists(path + ".bin")):
             raise SystemExit(f"error: the {what} {path} is missing; run `bash scripts/setup.sh` first (it makes "
                              "the built-in one) or pass --data-path/--tokenizer-model")
-    runs = study_runs(a)
-    if a.only:
-        wanted = set(a.only.split(","))
-        unknown = wanted - {r["name"] for r in runs}
-        if unknown:
-            raise SystemExit(f"error: --only names unknown runs {sorted(unknown)}; known: {[r['name'] for r in runs]}")
-        runs = [r for r in runs if r["name"] in wanted]
+    runs = select(study_runs(a), a.only)
     seeds = [int(s) for s in a.seeds.split(",")]
     done = {(r["name"], r["seed"]) for r in load_results(a.output)} if not a.force else set()
     todo = [(run, seed) for seed in seeds for run in runs if (run["name"], seed) not in done]
-    print(f"{len(todo)} runs to do ({len(done)} already in {a.output}), {a.jobs} at a time", flush=True)
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    failures = []
-
-    def job(item):
-        run, seed = item
-        try:
-            rec = run_one(a, run, seed)
-        except RuntimeError as e:
-            failures.append(str(e))
-            print(str(e), file=sys.stderr, flush=True)
-            return
-        with open(a.output, "a") as f:  # one short append per run: whole lines
-            f.write(json.dumps(rec) + "\n")
-        print(f"{rec['name']} seed {seed}: final valid loss {rec['final_valid_loss']:.4f} "
-              f"({rec['wall_s']:.0f} s)", flush=True)
-
-    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        list(pool.map(job, todo))
+    failures = run_all(a, todo, len(done), run_one,
+                       lambda rec: f"final valid loss {rec['final_valid_loss']:.4f}")
     report(a)
     if failures:
         raise SystemExit(f"error: {len(failures)} runs failed (see above); rerun to retry only those")

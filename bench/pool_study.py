@@ -37,7 +37,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -172,35 +171,13 @@ def main(argv=None) -> None:
         if not (os.path.exists(path) or os.path.exists(path + ".bin")):
             raise SystemExit(f"error: the {what} {path} is missing; run `bash scripts/setup.sh` first (and "
                              "`python tools/fetch_corpus.py kjv --output data/kjv.jsonl` for the second corpus)")
-    runs = study_runs(a)
-    if a.only:
-        wanted = set(a.only.split(","))
-        unknown = wanted - {r["name"] for r in runs}
-        if unknown:
-            raise SystemExit(f"error: --only names unknown runs {sorted(unknown)}; known: {[r['name'] for r in runs]}")
-        runs = [r for r in runs if r["name"] in wanted]
+    runs = pe.select(study_runs(a), a.only)
     done = {(r["name"], r["seed"]) for r in pe.load_results(a.output)}
     order = sorted({s for r in runs for s in r["seeds"]})
     todo = [(run, seed) for seed in order for run in runs if seed in run["seeds"] and (run["name"], seed) not in done]
-    print(f"{len(todo)} runs to do ({len(done)} already in {a.output}), {a.jobs} at a time", flush=True)
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    failures = []
-
-    def job(item):
-        run, seed = item
-        try:
-            rec = run_and_score(a, run, seed)
-        except RuntimeError as e:
-            failures.append(str(e))
-            print(str(e), file=sys.stderr, flush=True)
-            return
-        with open(a.output, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(f"{rec['name']} seed {seed}: valid {rec['final_valid_loss']:.4f}, second corpus "
-              f"{rec['second_corpus']['loss']:.4f} ({rec['wall_s']:.0f} s)", flush=True)
-
-    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        list(pool.map(job, todo))
+    failures = pe.run_all(a, todo, len(done), run_and_score,
+                          lambda rec: f"valid {rec['final_valid_loss']:.4f}, second corpus "
+                                      f"{rec['second_corpus']['loss']:.4f}")
     report.report(a)
     if failures:
         raise SystemExit(f"error: {len(failures)} runs failed (see above); rerun to retry only those")
