@@ -210,7 +210,7 @@ def plot(rows: list[dict], results: list[dict], directory: str) -> dict:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xticks(sorted({round(r["expert"] / 1e6, 2) for r in rows if r["expert"] > 0}))
+        ax.set_xticks(sorted({float(f"{r['expert'] / 1e6:.2g}") for r in rows if r["kind"] == "moe"}))
         ax.set_xlabel("expert parameters (M)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
