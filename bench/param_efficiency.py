@@ -245,8 +245,12 @@ def write_markdown(a, rows: list[dict], results: list[dict], path: str, figures:
                      + ", ".join(f"{x:.4f}" for x in r["losses"]) + f" | {r['mean']:.4f} | {r['spread']:.4f} |")
     lines += ["", "Expert parameters: the standard MoE's L*N expert FFNs; SaMoE's pool plus its combination "
               "logits (L*N*P). Router parameters are in the total, not here.", "", verdict(rows), ""]
-    for title, fig in figures.items():
-        lines.append(f"![{title}]({os.path.relpath(fig, os.path.dirname(path))})")
+    write_report(path, lines, figures)
+
+
+def write_report(path: str, lines: list[str], figures: dict) -> None:
+    """The Markdown report: ``lines``, then the figures linked relative to the report."""
+    lines = lines + [f"![{title}]({os.path.relpath(fig, os.path.dirname(path))})" for title, fig in figures.items()]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
 

@@ -174,10 +174,7 @@ def write_markdown(a, rows: list[dict], results: list[dict], path: str, figures:
               "logits. Peak mass: the mean share of each combination row on the pool expert it started on "
               "(1: unmoved); entropy: mean row entropy in nats.", "", *verdict(rows),
               *flow_verdict(results, a.num_layers), ""]
-    for title, fig in figures.items():
-        lines.append(f"![{title}]({os.path.relpath(fig, os.path.dirname(path))})")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(lines) + "\n")
+    pe.write_report(path, lines, figures)
 
 
 def plot(rows: list[dict], results: list[dict], directory: str) -> dict:
