@@ -32,12 +32,13 @@ from samoe_dist.params import count_parameters, format_counts
 logger = logging.getLogger("samoe")
 
 
-def _mean_over_world(values: dict[str, float]) -> dict[str, float]:
-    """Average each value over all ranks (each rank contributes the mean of its micro-batches)."""
+def _mean_over_world(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average each value over all ranks (each rank contributes the mean of its micro-batches).
+    The tensor lives on ``device``, the engine's: NCCL rejects a CPU tensor."""
     if not values or not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
@@ -113,7 +114,7 @@ class Trainer:
         if engine_norm is None or not math.isfinite(float(engine_norm)):
             engine_norm = own_norm
         self.last_grad_norm = float(engine_norm) if engine_norm is not None else float("nan")
-        return _mean_over_world(sums)
+        return _mean_over_world(sums, self.engine.device)
 
     def _reduced_grad_norm(self) -> Optional[float]:
         """Global gradient norm from the reduced ``.grad`` of the parameters, where DeepSpeed keeps
@@ -154,7 +155,7 @@ class Trainer:
                 _, parts = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
                 total += float(parts["lm loss"])
         self.engine.train()
-        return _mean_over_world({"loss": total / (tr.eval_iters * self.gas)})["loss"]
+        return _mean_over_world({"loss": total / (tr.eval_iters * self.gas)}, self.engine.device)["loss"]
 
     # -- loop --------------------------------------------------------------------------------
     def train(self) -> dict:
