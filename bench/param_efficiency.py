@@ -181,16 +181,21 @@ def load_results(path: str) -> list[dict]:
 # report
 
 
-def summarise(results: list[dict]) -> list[dict]:
-    """One row per configuration, in the study's order: seeds' losses, mean and spread."""
+def by_configuration(results: list[dict]) -> dict[str, list[dict]]:
+    """Result records grouped by run name (in the order first seen), each group sorted by seed."""
     by_name: dict[str, list[dict]] = {}
     for r in results:
         by_name.setdefault(r["name"], []).append(r)
+    return {name: sorted(runs, key=lambda r: r["seed"]) for name, runs in by_name.items()}
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """One row per configuration, in the study's order: seeds' losses, mean and spread."""
+    by_name = by_configuration(results)
     moe = by_name.get("moe")
     moe_expert = moe[0]["params"]["expert"] if moe else None
     rows = []
     for name, runs in by_name.items():
-        runs = sorted(runs, key=lambda r: r["seed"])
         losses = [r["final_valid_loss"] for r in runs]
         p = runs[0]["params"]
         expert = p.get("pool", 0) + p.get("combination", 0) if runs[0]["kind"] == "samoe" else p.get("expert", 0)

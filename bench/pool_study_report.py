@@ -15,14 +15,11 @@ FAMILIES = ("small-moe", "shared", "samoe")  # the runs that hold P experts' par
 def summarise(results: list[dict]) -> list[dict]:
     """One row per configuration: losses per seed (held-out split and second corpus), their mean
     and spread (max - min), parameters, and the combinations' final movement."""
-    by_name: dict[str, list[dict]] = {}
-    for r in results:
-        by_name.setdefault(r["name"], []).append(r)
+    by_name = pe.by_configuration(results)
     moe = by_name.get("moe")
     moe_expert = moe[0]["params"]["expert"] if moe else None
     rows = []
     for name, runs in by_name.items():
-        runs = sorted(runs, key=lambda r: r["seed"])
         losses = [r["final_valid_loss"] for r in runs]
         second = [r["second_corpus"]["loss"] for r in runs]
         p = runs[0]["params"]
