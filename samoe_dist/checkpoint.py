@@ -9,11 +9,18 @@ Layout of ``--save DIR``::
         config.json               the RunConfig and the layout (world size, EP size) that wrote it
         client_state.json         iteration, consumed samples
         rng_rank<R>.pt            each rank's torch RNG state (dropout, resume-exact)
+        optim_rank<R>.pt          sharded pool without ZeRO only: each rank's optimizer state (below)
 
 A crash or kill in the middle of a save leaves only a ``.partial`` directory: ``latest`` still names
 the previous checkpoint, which stays loadable. ``model.safetensors`` + ``config.json`` is also the
 interchange format of tools/convert_checkpoint.py; a checkpoint holding only those two files is
 "weights-only" and loads into any parallel layout with a fresh optimizer.
+
+Without ZeRO, DeepSpeed writes the optimizer state of a model with expert-parallel parameters once
+per expert-parallel rank, from the first rank of each expert-data-parallel group, and every rank
+reads its EP rank's file back. A column-sharded pool's slices (and so their Adam moments) differ
+over the expert-data-parallel group, so that file would hold one slice's state for all of them:
+here each rank then writes its own optimizer state too, and loads it after DeepSpeed's.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch.distributed as dist
 
 from samoe_dist.config import ConfigError, RunConfig
 from samoe_dist.init import canonical_name
-from samoe_dist.model import is_expert_parallel
+from samoe_dist.model import is_expert_parallel, is_pool_shard
 
 logger = logging.getLogger("samoe")
 
@@ -66,13 +73,17 @@ def _barrier() -> None:
 def consolidated_state(model: torch.nn.Module, cfg: RunConfig, groups) -> dict[str, torch.Tensor]:
     """Every weight of the model once, under its layout-free name (a collective over EP ranks).
 
-    Expert-parallel weights live on one EP rank each; they are gathered over the EP group.
+    Expert-parallel weights live on one EP rank each; they are gathered over the EP group. A sharded
+    pool's column slices are gathered over the expert-data-parallel group: the file holds it whole.
     """
     n_local = cfg.moe.num_experts // groups.ep_size if cfg.moe.enabled else 0
+    pool = _pool_of(model)
     state: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         local = p.detach()
-        if is_expert_parallel(p) and groups.ep_size > 1:
+        if is_pool_shard(p):
+            state[canonical_name(name, 0)] = pool.gather_full(p).cpu().contiguous()
+        elif is_expert_parallel(p) and groups.ep_size > 1:
             parts = [torch.empty_like(local) for _ in range(groups.ep_size)]
             dist.all_gather(parts, local.contiguous(), group=groups.ep_group)
             for ep_rank, part in enumerate(parts):
@@ -92,11 +103,50 @@ def load_consolidated_state(model: torch.nn.Module, cfg: RunConfig, groups, stat
     if missing:
         raise ConfigError(f"{source} lacks {len(missing)} weights this model has (first: {missing[0]}): "
                           f"it was written for another model; check --num-experts/--samoe-pool-size")
+    pool = _pool_of(model)
     for name, p in wanted.items():
+        if pool is not None and id(p) in pool.parameter_names():
+            try:
+                pool.load_full(p, state[name])
+            except ValueError as exc:
+                raise ConfigError(f"{source}: weight {name}: {exc}") from None
+            continue
         if tuple(state[name].shape) != tuple(p.shape):
             raise ConfigError(f"{source}: weight {name} has shape {tuple(state[name].shape)}, the model "
                               f"expects {tuple(p.shape)}")
         p.copy_(state[name].to(device=p.device, dtype=p.dtype))
+
+
+def _layout(trainer, world: int) -> dict:
+    """What the optimizer state's partitioning depends on: world, EP size, pool shards (if sharded)."""
+    layout = {"world_size": world, "ep_size": trainer.groups.ep_size}
+    pool = _pool_of(trainer.model)
+    if pool is not None and pool.shard is not None:
+        layout["pool_shards"] = pool.shard.size
+    return layout
+
+
+def _per_rank_optimizer_state(trainer) -> bool:
+    """True when each rank must keep its own optimizer state file (module docstring)."""
+    pool = _pool_of(trainer.model)
+    return pool is not None and pool.shard is not None and trainer.engine.zero_optimization_stage() == 0
+
+
+def _load_rank_optimizer_state(trainer, path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: a sharded-pool checkpoint without ZeRO keeps each rank's "
+                                f"optimizer state there; the checkpoint is incomplete (resume from an earlier one)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    opt = trainer.engine.optimizer
+    if trainer.engine.bfloat16_enabled():  # DeepSpeed's mixed-precision wrappers take this flag
+        opt.load_state_dict(state, load_optimizer_states=True)
+    else:
+        opt.load_state_dict(state)
+
+
+def _pool_of(model: torch.nn.Module):
+    gpt = getattr(model, "gpt", model)
+    return getattr(gpt, "samoe_pool", None)
 
 
 def check_config(saved: dict, cfg: RunConfig, source: str) -> list[str]:
@@ -157,10 +207,12 @@ def save(trainer, save_dir: str, keep: Optional[int] = None) -> str:
                                                  "consumed_samples": trainer.consumed_samples})
     state = consolidated_state(trainer.model, trainer.cfg, trainer.groups)
     torch.save(torch.get_rng_state(), os.path.join(partial_dir, f"rng_rank{rank}.pt"))
+    if _per_rank_optimizer_state(trainer):
+        torch.save(trainer.engine.optimizer.state_dict(), os.path.join(partial_dir, f"optim_rank{rank}.pt"))
     if rank == 0:
         save_file(state, os.path.join(partial_dir, WEIGHTS), metadata={"format": "samoe"})
         _write_json(os.path.join(partial_dir, CONFIG),
-                    {**trainer.cfg.to_dict(), "layout": {"world_size": world, "ep_size": trainer.groups.ep_size}})
+                    {**trainer.cfg.to_dict(), "layout": _layout(trainer, world)})
         _write_json(os.path.join(partial_dir, CLIENT),
                     {"iteration": trainer.iteration, "consumed_samples": trainer.consumed_samples})
     _barrier()
@@ -207,11 +259,13 @@ def load(trainer, load_dir: str) -> None:
     check_config(saved, trainer.cfg, tag_dir)
     weights_only = not os.path.isfile(os.path.join(tag_dir, CLIENT))
     layout = saved.get("layout", {})
-    same_layout = layout == {"world_size": world, "ep_size": trainer.groups.ep_size}
+    same_layout = layout == _layout(trainer, world)
     if not weights_only and not same_layout:
+        now = _layout(trainer, world)
         raise ConfigError(
             f"checkpoint {tag_dir} was written by {layout.get('world_size')} processes with expert-parallel "
-            f"size {layout.get('ep_size')}; this run has {world} and {trainer.groups.ep_size}. Convert it: "
+            f"size {layout.get('ep_size')} and the pool in {layout.get('pool_shards', 1)} column shard(s); this run "
+            f"has {world}, {trainer.groups.ep_size} and {now.get('pool_shards', 1)}. Convert it: "
             f"python tools/convert_checkpoint.py reshard --load {load_dir} --save NEW_DIR (weights only, "
             f"fresh optimizer), then --load NEW_DIR")
     if not weights_only:
@@ -225,6 +279,8 @@ def load(trainer, load_dir: str) -> None:
         rng = os.path.join(tag_dir, f"rng_rank{rank}.pt")
         if os.path.isfile(rng):
             torch.set_rng_state(torch.load(rng))
+        if _per_rank_optimizer_state(trainer):
+            _load_rank_optimizer_state(trainer, os.path.join(tag_dir, f"optim_rank{rank}.pt"))
     # DeepSpeed's module file holds one EP rank's experts only: the consolidated weights are the truth.
     load_consolidated_state(trainer.model, trainer.cfg, trainer.groups, load_file(os.path.join(tag_dir, WEIGHTS)),
                             os.path.join(tag_dir, WEIGHTS))

@@ -120,6 +120,9 @@ class MoEConfig:
                  f"{self.moe_token_dispatcher_type!r}")
 
 
+POOL_SHARDING_CHOICES = ("replicated", "sharded")
+
+
 @dataclass
 class SaMoEConfig:
     """The shared expert pool: each MoE layer's experts are a learned soft combination of it."""
@@ -145,6 +148,11 @@ class SaMoEConfig:
     samoe_combination_lr_mult: float = doc(
         "Learning-rate multiplier of the combination logits C_l (their own optimizer group; the schedule "
         "scales it like --lr).", default=1.0)
+    samoe_pool_sharding: str = doc(
+        "Where the pool lives: 'replicated' (every rank holds all of it, reduced over the world) or 'sharded' "
+        "(its columns split over the expert-data-parallel group: each rank materialises its columns and "
+        "all-gathers the rest, and the pool's memory, gradient and materialisation shrink with that group; "
+        "see docs/DESIGN.md section 6).", default="replicated")
 
     @property
     def enabled(self) -> bool:
@@ -160,6 +168,9 @@ class SaMoEConfig:
         _require(self.samoe_init_noise >= 0, f"--samoe-init-noise must be >= 0, got {self.samoe_init_noise}")
         _require(self.samoe_combination_lr_mult > 0,
                  f"--samoe-combination-lr-mult must be > 0, got {self.samoe_combination_lr_mult}")
+        _require(self.samoe_pool_sharding in POOL_SHARDING_CHOICES,
+                 f"--samoe-pool-sharding must be one of {', '.join(POOL_SHARDING_CHOICES)}, got "
+                 f"{self.samoe_pool_sharding!r}")
         _require(self.samoe_init_peak is None or self.samoe_init_peak_mass is None,
                  "--samoe-init-peak and --samoe-init-peak-mass both set the peaked init: give one of them")
         if self.samoe_init_peak_mass is not None:
@@ -383,6 +394,14 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
     if cfg.moe.enabled:
         _require(cfg.moe.num_experts % ep == 0,
                  f"--num-experts {cfg.moe.num_experts} is not divisible by --expert-model-parallel-size {ep}")
+    if cfg.samoe.enabled and cfg.samoe.samoe_pool_sharding == "sharded":
+        edp = world_size // ep
+        h, f = cfg.model.hidden_size, cfg.moe.moe_ffn_hidden_size or cfg.model.ffn_hidden_size
+        _require((h * f) % edp == 0,
+                 f"--samoe-pool-sharding sharded splits each pool expert's {h} x {f} = {h * f} weights over the "
+                 f"expert-data-parallel group of {edp} ranks (world {world_size} / EP {ep}), which does not "
+                 f"divide them: choose --hidden-size and --moe-ffn-hidden-size whose product divides by {edp}, "
+                 f"or use --samoe-pool-sharding replicated")
     dp = world_size  # every rank is a data-parallel replica of the dense part (TP = PP = 1)
     tr = cfg.training
     if tr.global_batch_size is None:

@@ -90,11 +90,17 @@ def expert_grad_sq_norms(moe_layers: list, num_experts: int, expert_offset: int,
 @torch.no_grad()
 def pool_grad_norms(pool: torch.nn.Module) -> Optional[torch.Tensor]:
     """[P] gradient norm of each pool expert (its w1, w2 and w3 rows); the pool is reduced over
-    the whole world, so every rank holds the same values."""
+    the whole world, so every rank holds the same values. A sharded pool's rows are split over the
+    shard group: their squares are summed over it (a collective there)."""
     grads = [_full_grad(w) for w in pool.tensors() if w is not None]
     if any(g is None for g in grads):
         return None
-    return _sq_norm_rows(grads, pool.pool_size).sqrt()
+    sq = _sq_norm_rows(grads, pool.pool_size)
+    if pool.shard is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sq, group=pool.shard.group)
+    return sq.sqrt()
 
 
 @torch.no_grad()

@@ -122,6 +122,9 @@ class GPTLM(torch.nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
         # drop values (aux losses, counts) a checkpoint recompute may have left behind
         self.collect_aux_losses()
+        pool = getattr(self.gpt, "samoe_pool", None)
+        if pool is not None:
+            pool.begin_forward()  # this forward's layers share one pool gate (samoe.pool)
         self._pop_counts()
         per_token = self.gpt(tokens, _positions(tokens), None, labels=labels)  # [b, s] fp32 CE
         self._count_tokens()
@@ -195,9 +198,12 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
     tcfg = transformer_config(cfg)
     pool, pool_ref = None, None
     if cfg.samoe.enabled:
-        from samoe_dist.samoe.pool import ExpertPool, PoolRef
+        from samoe_dist.samoe.pool import ExpertPool, PoolRef, PoolShard
 
-        pool = ExpertPool.from_transformer_config(tcfg, cfg.samoe.samoe_pool_size)
+        shard = None
+        if cfg.samoe.samoe_pool_sharding == "sharded" and groups.edp_size > 1:
+            shard = PoolShard(groups.expert_dp_group, groups.edp_size, groups.edp_rank)
+        pool = ExpertPool.from_transformer_config(tcfg, cfg.samoe.samoe_pool_size, shard=shard)
         pool_ref = PoolRef(pool)
     gpt = GPTModel(
         config=tcfg,
@@ -217,11 +223,34 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
         from samoe_dist.ds_moe_marker import ExpertParallelMarker
 
         model.ds_moe_marker = ExpertParallelMarker(cfg.moe.num_experts, groups.ep_size)
+    if pool is not None and pool.shard is not None:
+        mark_pool_shards(model, pool, groups)
     return model
 
 
+def mark_pool_shards(model: GPTLM, pool, groups) -> None:
+    """Tag a column-sharded pool's slices for DeepSpeed (reduced over the EP group, samoe_dist.parallel
+    .register_pool_shard_group) and add the marker that makes the engine look for such parameters."""
+    from samoe_dist.ds_moe_marker import PoolShardMarker
+    from samoe_dist.parallel import register_pool_shard_group
+
+    name = register_pool_shard_group(groups)
+    for w in pool.tensors():
+        if w is not None:
+            w.allreduce = False
+            w.group_name = name
+            w.samoe_pool_shards = pool.shard.size
+    model.ds_pool_marker = PoolShardMarker(name, pool.shard.size)
+
+
+def is_pool_shard(param: torch.Tensor) -> bool:
+    """True for a column slice of a sharded SaMoE pool (distinct over the expert-data-parallel group)."""
+    return getattr(param, "samoe_pool_shards", 1) > 1
+
+
 def is_expert_parallel(param: torch.Tensor) -> bool:
-    """True for a weight sharded over the expert-parallel group (set by mark_expert_parameters)."""
+    """True for a weight DeepSpeed must not reduce over the whole world: standard experts (sharded
+    over the EP group, mark_expert_parameters) and a sharded pool's slices (mark_pool_shards)."""
     return getattr(param, "allreduce", True) is False
 
 

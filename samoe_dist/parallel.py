@@ -42,6 +42,15 @@ class ParallelGroups:
     pg_collection: Any  # megatron.core.process_groups_config.ProcessGroupCollection
 
     @property
+    def edp_size(self) -> int:
+        """Expert-data-parallel size: ranks holding the same experts (world / EP)."""
+        return self.world_size // self.ep_size
+
+    @property
+    def edp_rank(self) -> int:
+        return self.rank // self.ep_size  # EP groups are contiguous ranks
+
+    @property
     def dp_size(self) -> int:
         """Every rank is a data-parallel replica of the dense parameters (TP = PP = 1)."""
         return self.world_size
@@ -91,6 +100,32 @@ def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 3
     )
     check_groups_agree(groups)
     return groups
+
+
+# DeepSpeed's name for the sharded pool's groups. DeepSpeed reads the number after the second '_'
+# of every group name as an EP size (groups._get_max_expert_size) and names its checkpoint files
+# after the largest; 1 never exceeds the real "ep_size_<EP>" group's, which keeps that role.
+POOL_SHARD_GROUP_NAME = "samoe_pool_1"
+
+
+def register_pool_shard_group(groups: ParallelGroups) -> str:
+    """Register the sharded pool's groups with DeepSpeed under POOL_SHARD_GROUP_NAME and return it.
+
+    A pool column slice differs between the ranks of megatron's expert-data-parallel group and is
+    the same on the ranks of its expert-parallel group (DESIGN.md §6), so DeepSpeed's "expert
+    parallel" group of that name is megatron's EDP group and its "expert data parallel" group, over
+    which the slice's gradient is summed, is megatron's EP group. The process groups are megatron's
+    own objects: no new communicator.
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import groups as ds_groups
+
+    name = POOL_SHARD_GROUP_NAME
+    ds_groups._EXPERT_PARALLEL_GROUP[name] = groups.expert_dp_group
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(groups.expert_dp_group)
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = groups.ep_group
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(groups.ep_group)
+    return name
 
 
 def check_groups_agree(groups: ParallelGroups) -> None:

@@ -2,7 +2,8 @@
 
 Counts are global (the whole model, not one rank's shard): standard-MoE experts are sharded over
 the expert-parallel group, so their local count is multiplied by the EP size; the SaMoE pool and
-combination logits are replicated and counted once.
+combination logits are counted once (a sharded pool's local column slice is multiplied by its
+shard count).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def count_parameters(model: torch.nn.Module, cfg: RunConfig) -> dict[str, int]:
         if id(p) in seen:  # tied embedding/output weights
             continue
         seen.add(id(p))
-        counts[classify(name, p)] += p.numel()
+        counts[classify(name, p)] += p.numel() * getattr(p, "samoe_pool_shards", 1)
     counts["expert"] *= cfg.parallel.expert_model_parallel_size
     n_moe = len(cfg.moe_layer_indices())
     active_experts = n_moe * cfg.moe.moe_router_topk * expert_size(cfg) if cfg.moe.enabled else 0

@@ -24,7 +24,7 @@ from samoe_dist.config import RunConfig, gradient_accumulation_steps, validate_l
 from samoe_dist.data_adapter import TrainingData, build_training_data
 from samoe_dist.ds_config import build_ds_config, load_ds_config
 from samoe_dist.metrics import MetricsWriter, iteration_line, setup_logging
-from samoe_dist.model import build_model, is_expert_parallel
+from samoe_dist.model import build_model, is_expert_parallel, is_pool_shard
 from samoe_dist.optim import make_scheduler, param_groups
 from samoe_dist.parallel import ParallelGroups, init_distributed
 from samoe_dist.params import count_parameters, format_counts
@@ -121,25 +121,30 @@ class Trainer:
         them there (no ZeRO, fp32) and does not report the norm itself; None otherwise.
 
         Dense parameters are replicas (their norm is counted once); expert-parallel parameters
-        differ between the ranks of an EP group, so their squares are summed over it.
+        differ between the ranks of an EP group, so their squares are summed over it, and a sharded
+        pool's slices differ over the expert-data-parallel group, so theirs are summed over that.
         """
         if self.engine.zero_optimization_stage() != 0 or self.engine.bfloat16_enabled():
             return None
-        dense = torch.zeros((), dtype=torch.float64)
-        expert = torch.zeros((), dtype=torch.float64)
+        device = self.engine.device
+        dense = torch.zeros((), dtype=torch.float64, device=device)
+        expert = torch.zeros((), dtype=torch.float64, device=device)  # differs over the EP group
+        pool = torch.zeros((), dtype=torch.float64, device=device)  # sharded pool: differs over EDP
         for p in self.model.parameters():
             if p.grad is None:
                 continue
-            sq = p.grad.detach().double().pow(2).sum().cpu()
-            if is_expert_parallel(p):
+            sq = p.grad.detach().double().pow(2).sum()
+            if is_pool_shard(p):
+                pool += sq
+            elif is_expert_parallel(p):
                 expert += sq
             else:
                 dense += sq
         if self.groups.ep_size > 1:
-            expert = expert.to(self.engine.device)
             dist.all_reduce(expert, group=self.groups.ep_group)
-            expert = expert.cpu()
-        return float((dense + expert).sqrt())
+        if self.groups.edp_size > 1:
+            dist.all_reduce(pool, group=self.groups.expert_dp_group)
+        return float((dense + expert + pool).sqrt())
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float:

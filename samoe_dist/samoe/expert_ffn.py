@@ -15,35 +15,94 @@ into the activation half (w1) and, when gated, the linear half (w3)::
     a  = act(z1)                      (a = act(z1) * z3 when gated)
     s  = (a * prob).to(x.dtype)       # megatron's per_token_scale, applied before fc2
     y  = s @ W2[e]
+
+How the weights come from the pool tensors handed in is a :class:`PoolAccess`: the experts may be
+pool rows used as they are (shared routing), the pool may be column-sharded over the
+expert-data-parallel group (materialise the local columns, all-gather them; reduce-scatter the
+weight gradient before mapping it back: DESIGN.md §6), and the pool's gradient may go to the
+model's :class:`~samoe_dist.samoe.pool.PoolGradSink` instead of back through autograd.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from samoe_dist.samoe.grouped_gemm import grouped_matmul, grouped_weight_grad
+from samoe_dist.samoe.pool import PoolGradSink, PoolShard, gather_columns, reduce_scatter_columns
 
 
-def materialize(A_nP: Optional[torch.Tensor], w_pool: torch.Tensor) -> torch.Tensor:
-    """Layer experts from the pool: ``einsum('np,p...->n...')`` as one GEMM on the flat pool.
-    With ``A_nP`` None the weights are the experts themselves (shared routing, or a standard MoE)."""
-    if A_nP is None:
-        return w_pool
+@dataclass(frozen=True)
+class PoolAccess:
+    """How the n local experts' weights come from the pool tensors (module docstring).
+
+    - ``rows``: with no combination (A None), the experts are pool rows ``[lo, hi)`` as they are;
+    - ``shard``: the pool tensors are this rank's ``[P, D/S]`` column slices over ``shard.group``,
+      and ``shapes`` gives each tensor's full per-expert shape (w1, w2, w3);
+    - ``sink``: the pool's gradient is accumulated there and none is returned to autograd.
+    """
+
+    rows: Optional[tuple] = None
+    shard: Optional[PoolShard] = None
+    shapes: Optional[tuple] = None
+    sink: Optional[PoolGradSink] = None
+
+
+_PLAIN = PoolAccess()
+
+
+def materialize(A_nP: Optional[torch.Tensor], w_pool: torch.Tensor, access: PoolAccess = _PLAIN,
+                index: int = 0) -> torch.Tensor:
+    """Layer experts from the pool: ``einsum('np,p...->n...')`` as one GEMM on the flat pool
+    (sharded: on the local columns, then all-gathered over the shard group). With ``A_nP`` None the
+    weights are pool rows used as they are (``access.rows``; all of them by default).
+    ``index`` is the tensor's position in (w1, w2, w3)."""
+    shape = access.shapes[index] if access.shapes is not None else tuple(w_pool.shape[1:])
     P = w_pool.shape[0]
-    return (A_nP @ w_pool.reshape(P, -1)).view(A_nP.shape[0], *w_pool.shape[1:])
-
-
-def _map_weight_grad(dW_n: torch.Tensor, A_nP: torch.Tensor, w_pool: torch.Tensor, need_pool: bool, need_A: bool):
-    """(dW_pool, dA_nP) of a materialised weight's gradient dW_n (None where not needed; with
-    ``A_nP`` None the weights were used as they are and their gradient is dW_n itself)."""
     if A_nP is None:
-        return (dW_n if need_pool else None), None
-    n, P = A_nP.shape
-    dW_flat = dW_n.reshape(n, -1)
-    d_pool = (A_nP.t() @ dW_flat).view_as(w_pool) if need_pool else None
-    d_A = dW_flat @ w_pool.reshape(P, -1).t() if need_A else None
+        if access.rows is None and access.shard is None:
+            return w_pool
+        lo, hi = access.rows if access.rows is not None else (0, P)
+        local_nD = w_pool[lo:hi].reshape(hi - lo, -1)
+    else:
+        local_nD = A_nP @ w_pool.reshape(P, -1)
+    if access.shard is not None:
+        local_nD = gather_columns(local_nD, access.shard)
+    return local_nD.view(local_nD.shape[0], *shape)
+
+
+def _map_weight_grad(dW_n: torch.Tensor, A_nP: Optional[torch.Tensor], w_pool: torch.Tensor, need_pool: bool,
+                     need_A: bool, access: PoolAccess = _PLAIN, index: int = 0):
+    """(dW_pool, dA_nP) of a materialised weight's gradient dW_n (None where not needed, and the
+    pool's None when a sink takes it). Sharded: dW_n is first reduce-scattered over the shard group
+    to this rank's columns, summed over the group's replicas of these experts."""
+    n = dW_n.shape[0]
+    dW_nD = dW_n.reshape(n, -1)
+    if access.shard is not None:
+        dW_nD = reduce_scatter_columns(dW_nD, access.shard)
+    P = w_pool.shape[0]
+    d_pool = d_A = None
+    if A_nP is None:  # the experts are pool rows [lo, hi)
+        if not need_pool:
+            return None, None
+        if access.rows is None and access.shard is None:
+            return dW_n, None
+        lo = access.rows[0] if access.rows is not None else 0
+        if access.sink is not None:
+            access.sink.add_rows(index, lo, dW_nD, w_pool)
+            return None, None
+        d_pool = torch.zeros_like(w_pool)
+        d_pool.view(P, -1)[lo:lo + n].copy_(dW_nD)
+        return d_pool, None
+    if need_pool:
+        if access.sink is not None:
+            access.sink.add_mm(index, A_nP, dW_nD)
+        else:
+            d_pool = (A_nP.t() @ dW_nD).view_as(w_pool)
+    if need_A:
+        d_A = dW_nD @ w_pool.reshape(P, -1).t()
     return d_pool, d_A
 
 
@@ -85,17 +144,17 @@ def _row_dot(a_TF: torch.Tensor, b_TF: torch.Tensor, dtype: torch.dtype, rows: i
     return out_T
 
 
-def _fc1_backward(x_TH, dz_TF, A_nP, w_PHF, dA_nP, counts, need_x: bool, need_w: bool):
+def _fc1_backward(x_TH, dz_TF, A_nP, w_PHF, dA_nP, counts, need_x: bool, need_w: bool, access, index):
     """(dx_TH, dW_pool) of one fc1 half; accumulates its combination gradient into dA_nP."""
     dx_TH = dw_pool = None
     if need_x:
-        W_nHF = materialize(A_nP, w_PHF)
+        W_nHF = materialize(A_nP, w_PHF, access, index)
         dx_TH = grouped_matmul(dz_TF, W_nHF.transpose(1, 2), counts)
         del W_nHF
     need_A = dA_nP is not None
     if need_w or need_A:
         dW_nHF = grouped_weight_grad(x_TH, dz_TF, counts)
-        dw_pool, dA = _map_weight_grad(dW_nHF, A_nP, w_PHF, need_w, need_A)
+        dw_pool, dA = _map_weight_grad(dW_nHF, A_nP, w_PHF, need_w, need_A, access, index)
         if need_A:
             dA_nP += dA
     return dx_TH, dw_pool
@@ -110,17 +169,19 @@ class MaterializedExpertFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TH, probs_T, A_nP, w1_PHF, w2_PFH, w3_PHF, counts: Sequence[int], activation: Callable):
+    def forward(ctx, x_TH, probs_T, A_nP, w1_PHF, w2_PFH, w3_PHF, counts: Sequence[int], activation: Callable,
+                access: PoolAccess):
         gated = w3_PHF is not None
         counts = tuple(int(c) for c in counts)
-        z1_TF = grouped_matmul(x_TH, materialize(A_nP, w1_PHF), counts)  # W1_nHF freed here
-        z3_TF = grouped_matmul(x_TH, materialize(A_nP, w3_PHF), counts) if gated else None
+        z1_TF = grouped_matmul(x_TH, materialize(A_nP, w1_PHF, access, 0), counts)  # W1_nHF freed here
+        z3_TF = grouped_matmul(x_TH, materialize(A_nP, w3_PHF, access, 2), counts) if gated else None
         hidden_TF = _activation(activation, z1_TF)
         if gated:
             hidden_TF.mul_(z3_TF)
         hidden_TF.mul_(probs_T.unsqueeze(-1))  # megatron's per_token_scale, kept in x's dtype
-        y_TH = grouped_matmul(hidden_TF, materialize(A_nP, w2_PFH), counts)  # W2_nFH freed here
+        y_TH = grouped_matmul(hidden_TF, materialize(A_nP, w2_PFH, access, 1), counts)  # W2_nFH freed here
 
+        ctx.access = access
         ctx.counts = counts
         ctx.activation = activation
         ctx.gated = gated
@@ -131,13 +192,13 @@ class MaterializedExpertFFN(torch.autograd.Function):
     def backward(ctx, dy_TH):
         x_TH, probs_T, A_nP, w1_PHF, w2_PFH, w3_PHF, z1_TF, z3_TF = ctx.saved_tensors
         need_x, need_probs, need_A, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:6]
-        counts, gated, activation = ctx.counts, ctx.gated, ctx.activation
+        counts, gated, activation, access = ctx.counts, ctx.gated, ctx.activation, ctx.access
         dy_TH = dy_TH.contiguous()
         dA_nP = torch.zeros_like(A_nP) if need_A else None
         probs_T1 = probs_T.unsqueeze(-1)
 
         # fc2 input gradient: one materialised weight alive at a time.
-        W2_nFH = materialize(A_nP, w2_PFH)
+        W2_nFH = materialize(A_nP, w2_PFH, access, 1)
         dhidden_TF = grouped_matmul(dy_TH, W2_nFH.transpose(1, 2), counts)
         del W2_nFH
 
@@ -153,7 +214,7 @@ class MaterializedExpertFFN(torch.autograd.Function):
             hidden_TF = gate_TF.mul_(probs_T1)  # in place: act_TF is not needed again unless gated
             dW2_nFH = grouped_weight_grad(hidden_TF, dy_TH, counts)
             del hidden_TF
-            dw2, dA2 = _map_weight_grad(dW2_nFH, A_nP, w2_PFH, need_w2, need_A)
+            dw2, dA2 = _map_weight_grad(dW2_nFH, A_nP, w2_PFH, need_w2, need_A, access, 1)
             del dW2_nFH
             if need_A:
                 dA_nP += dA2
@@ -170,14 +231,14 @@ class MaterializedExpertFFN(torch.autograd.Function):
         del dgate_TF, dhidden_TF
 
         # fc1 (and its gated half).
-        dx_TH, dw1 = _fc1_backward(x_TH, dz1_TF, A_nP, w1_PHF, dA_nP, counts, need_x, need_w1)
+        dx_TH, dw1 = _fc1_backward(x_TH, dz1_TF, A_nP, w1_PHF, dA_nP, counts, need_x, need_w1, access, 0)
         del dz1_TF
         dw3 = None
         if gated:
-            dx3_TH, dw3 = _fc1_backward(x_TH, dz3_TF, A_nP, w3_PHF, dA_nP, counts, need_x, need_w3)
+            dx3_TH, dw3 = _fc1_backward(x_TH, dz3_TF, A_nP, w3_PHF, dA_nP, counts, need_x, need_w3, access, 2)
             if need_x:
                 dx_TH = dx_TH + dx3_TH
-        return dx_TH, dprobs_T, dA_nP, dw1, dw2, dw3, None, None
+        return dx_TH, dprobs_T, dA_nP, dw1, dw2, dw3, None, None, None
 
 
 def materialized_expert_ffn(
@@ -189,15 +250,21 @@ def materialized_expert_ffn(
     w2_PFH: torch.Tensor,
     w3_PHF: Optional[torch.Tensor],
     activation: Callable,
+    access: PoolAccess = _PLAIN,
 ) -> torch.Tensor:
     """y_TH of the n local experts built from the pool by ``A_nP`` (see module docstring)."""
     counts = tuple(int(c) for c in counts)
-    n_local = w1_PHF.shape[0] if A_nP is None else A_nP.shape[0]
+    if A_nP is not None:
+        n_local = A_nP.shape[0]
+    elif access.rows is not None:
+        n_local = access.rows[1] - access.rows[0]
+    else:
+        n_local = w1_PHF.shape[0]
     if len(counts) != n_local:
         raise ValueError(f"{len(counts)} token counts for {n_local} local experts")
     if sum(counts) != x_TH.shape[0]:
         raise ValueError(f"token counts sum to {sum(counts)} but {x_TH.shape[0]} tokens were given")
-    return MaterializedExpertFFN.apply(x_TH, probs_T, A_nP, w1_PHF, w2_PFH, w3_PHF, counts, activation)
+    return MaterializedExpertFFN.apply(x_TH, probs_T, A_nP, w1_PHF, w2_PFH, w3_PHF, counts, activation, access)
 
 
 def reference_expert_ffn(x_TH, probs_T, counts, A_nP, w1_PHF, w2_PFH, w3_PHF, activation):

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from samoe_dist.config import SaMoEConfig
 from samoe_dist.samoe.combination import (combination_weights, init_combination_logits, peak_mass,
                                           peaked_pool_index, row_entropy)
-from samoe_dist.samoe.expert_ffn import materialize, materialized_expert_ffn
+from samoe_dist.samoe.expert_ffn import PoolAccess, materialize, materialized_expert_ffn
 from samoe_dist.samoe.pool import ExpertPool, PoolRef
 
 
@@ -138,15 +138,13 @@ class SaMoEExperts(MegatronModule):
 
     @torch.no_grad()
     def materialized_experts(self) -> tuple:
-        """(W1_NHF, W2_NFH[, W3_NHF]) of all N layer experts, detached (tests and export)."""
+        """(W1_NHF, W2_NFH[, W3_NHF]) of all N layer experts, detached (tests and export; a
+        collective over the shard group when the pool is sharded)."""
+        full = [w for w in self.pool.full_tensors() if w is not None]
         if self.route_to_pool:
-            return tuple(w.detach().clone() for w in self.pool.tensors() if w is not None)
+            return tuple(w.clone() for w in full)
         A_NP = self.combination_weights()
-        out = []
-        for w in self.pool.tensors():
-            if w is not None:
-                out.append(materialize(A_NP.to(w.dtype), w))
-        return tuple(out)
+        return tuple(materialize(A_NP.to(w.dtype), w) for w in full)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(
@@ -162,20 +160,19 @@ class SaMoEExperts(MegatronModule):
             probs_T = torch.ones_like(probs_T)
         counts = tokens_per_expert.tolist() if hasattr(tokens_per_expert, "tolist") else list(tokens_per_expert)
         pool = self.pool
-        w1, w2, w3 = pool.tensors()
+        (w1, w2, w3), sink = pool.live_tensors()
         if x_TH.dtype != w1.dtype:
             raise TypeError(
                 f"SaMoE experts got {x_TH.dtype} tokens but the pool is {w1.dtype}: convert the "
                 "pool with the model (register it with attach_pool before any .to()/bf16 wrapping)"
             )
         lo, hi = self.local_expert_offset, self.local_expert_offset + self.num_local_experts
-        if self.route_to_pool:  # the owned pool experts themselves (A = I): no materialisation
-            own = [None if w is None else w[lo:hi] for w in (w1, w2, w3)]
-            return materialized_expert_ffn(x_TH, probs_T, counts, None, *own, self.config.activation_func), None
-        A_own_nP = self.combination_weights()[lo:hi].to(w1.dtype)
-        y_TH = materialized_expert_ffn(
-            x_TH, probs_T, counts, A_own_nP, w1, w2, w3, self.config.activation_func
-        )
+        access = PoolAccess(rows=(lo, hi) if self.route_to_pool else None, shard=pool.shard,
+                            shapes=pool.expert_shapes(), sink=sink)
+        # Shared routing: the owned pool experts themselves (A = I), no materialisation.
+        A_own_nP = None if self.route_to_pool else self.combination_weights()[lo:hi].to(w1.dtype)
+        y_TH = materialized_expert_ffn(x_TH, probs_T, counts, A_own_nP, w1, w2, w3,
+                                       self.config.activation_func, access)
         return y_TH, None
 
     def backward_dw(self):

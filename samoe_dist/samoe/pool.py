@@ -11,14 +11,50 @@ Layout matches megatron-core's expert MLP so weights map one to one (``linear_fc
     w1[p] = linear_fc1.weight[:f].T     [h, f]   (the activation's input; the "gate" when gated)
     w3[p] = linear_fc1.weight[f:].T     [h, f]   (gated only: the linear "up" half)
     w2[p] = linear_fc2.weight.T         [f, h]
+
+Sharded pool (``--samoe-pool-sharding sharded``, DESIGN.md §6): each pool tensor, viewed as
+``[P, D]`` (D = h*f), has its columns split over the expert-data-parallel group; a rank stores its
+slice ``[P, D / S]`` only (:class:`PoolShard`). The values are the same for every layout: each pool
+expert is drawn, whole, from its own seed (:meth:`ExpertPool.reset_parameters`), then sliced.
+
+Gradient sink (:class:`PoolGradSink`): the pool is used by every MoE layer; letting autograd sum the
+layers' full-size pool gradients costs one [P, D] temporary and one add per layer. Instead each
+forward passes the pool through one :class:`_PoolGate`; every layer's backward accumulates its
+A^T dW into the sink's buffer in place (``addmm_``), and the gate hands that buffer to autograd once
+per backward, so DeepSpeed's gradient hooks fire once per pool tensor and micro-batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
+
+
+@dataclass(frozen=True)
+class PoolShard:
+    """Where this rank's pool columns lie: slice ``rank`` of ``size`` over ``group`` (the
+    expert-data-parallel group; DESIGN.md §6)."""
+
+    group: Any
+    size: int
+    rank: int
+
+    def columns(self, numel: int) -> tuple[int, int]:
+        """[lo, hi) of this rank's columns of a ``numel``-column tensor."""
+        if numel % self.size:
+            raise ValueError(f"a pool expert of {numel} elements does not split into {self.size} equal column "
+                             f"slices: choose hidden and expert FFN sizes whose product divides by {self.size}")
+        width = numel // self.size
+        return self.rank * width, (self.rank + 1) * width
+
+
+def _expert_seed(base: int, name: str, index: int) -> int:
+    digest = hashlib.sha256(f"{base}:{name}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class ExpertPool(torch.nn.Module):
@@ -34,6 +70,8 @@ class ExpertPool(torch.nn.Module):
         output_layer_init_std: Optional[float] = None,
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device] = None,
+        shard: Optional[PoolShard] = None,
+        seed: Optional[int] = None,
     ):
         super().__init__()
         if pool_size <= 0 or hidden_size <= 0 or ffn_hidden_size <= 0:
@@ -50,14 +88,25 @@ class ExpertPool(torch.nn.Module):
             init_method_std if output_layer_init_std is None else output_layer_init_std
         )
         P, h, f = pool_size, hidden_size, ffn_hidden_size
+        self.shard = shard if shard is not None and shard.size > 1 else None
+        # The seed every pool expert is drawn from (torch's RNG by default: a seeded run is reproducible).
+        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         kw = dict(dtype=dtype, device=device)
-        self.w1 = torch.nn.Parameter(torch.empty(P, h, f, **kw))  # w1_PHF
-        self.w2 = torch.nn.Parameter(torch.empty(P, f, h, **kw))  # w2_PFH
-        self.w3 = torch.nn.Parameter(torch.empty(P, h, f, **kw)) if gated else None  # w3_PHF
+
+        def make(*shape):
+            if self.shard is None:
+                return torch.nn.Parameter(torch.empty(P, *shape, **kw))
+            lo, hi = self.shard.columns(math.prod(shape))
+            return torch.nn.Parameter(torch.empty(P, hi - lo, **kw))  # flat column slice
+
+        self.w1 = make(h, f)  # w1_PHF (sharded: [P, h*f/S])
+        self.w2 = make(f, h)  # w2_PFH (sharded: [P, f*h/S])
+        self.w3 = make(h, f) if gated else None  # w3_PHF
+        self._live = None  # (gated views, sink) of the forward in progress
         self.reset_parameters()
 
     @classmethod
-    def from_transformer_config(cls, config, pool_size: int) -> "ExpertPool":
+    def from_transformer_config(cls, config, pool_size: int, shard: Optional[PoolShard] = None) -> "ExpertPool":
         """A pool shaped and initialised like megatron's experts for this TransformerConfig.
 
         Expert FFN size is ``config.moe_ffn_hidden_size``; fc2 uses megatron's output-layer std
@@ -74,25 +123,182 @@ class ExpertPool(torch.nn.Module):
             output_layer_init_std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
             dtype=config.params_dtype,
             device=device,
+            shard=shard,
         )
+
+    def expert_shapes(self) -> tuple:
+        """Full per-expert shapes of (w1, w2, w3): ([h, f], [f, h], [h, f] or None)."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        return (h, f), (f, h), ((h, f) if self.gated else None)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal init as megatron's experts: fc1 (and its gated half) with std, fc2 with out std."""
-        torch.nn.init.normal_(self.w1, mean=0.0, std=self.init_method_std)
-        if self.w3 is not None:
-            torch.nn.init.normal_(self.w3, mean=0.0, std=self.init_method_std)
-        torch.nn.init.normal_(self.w2, mean=0.0, std=self.output_layer_init_std)
+        """Normal init as megatron's experts: fc1 (and its gated half) with std, fc2 with out std.
+
+        Each pool expert of each tensor is drawn on the CPU from its own generator, seeded by
+        (pool seed, tensor, expert): the same values on any device and for any sharding (a rank
+        keeps its columns), one expert in host memory at a time.
+        """
+        stds = {"w1": self.init_method_std, "w2": self.output_layer_init_std, "w3": self.init_method_std}
+        for name, shape in zip(("w1", "w2", "w3"), self.expert_shapes()):
+            param = getattr(self, name)
+            if param is None:
+                continue
+            lo, hi = self.shard.columns(math.prod(shape)) if self.shard is not None else (None, None)
+            for p in range(self.pool_size):
+                gen = torch.Generator().manual_seed(_expert_seed(self.seed, name, p))
+                value = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(stds[name])
+                if self.shard is not None:
+                    value = value.reshape(-1)[lo:hi]
+                param[p].copy_(value.to(device=param.device, dtype=param.dtype))
 
     def tensors(self) -> tuple:
-        """(w1_PHF, w2_PFH, w3_PHF or None): the order the expert-FFN function takes them."""
+        """(w1, w2, w3 or None) as stored: ``[P, h, f]``... or, sharded, this rank's ``[P, D/S]`` slices."""
         return self.w1, self.w2, self.w3
+
+    def live_tensors(self) -> tuple:
+        """(tensors, sink) for a layer's forward: while gradients are recorded, the pool passed
+        through this forward's gate and the sink its layers' backward accumulate into; otherwise the
+        stored tensors and None."""
+        if not (torch.is_grad_enabled() and self.w1.requires_grad):
+            return self.tensors(), None
+        if self._live is None or self._live[1].consumed:
+            sink = PoolGradSink(len([w for w in self.tensors() if w is not None]))
+            views = iter(_PoolGate.apply(sink, *[w for w in self.tensors() if w is not None]))
+            self._live = (tuple(None if w is None else next(views) for w in self.tensors()), sink)
+        return self._live
+
+    def begin_forward(self) -> None:
+        """A new model forward starts: its layers get a fresh gate (called by the model's forward)."""
+        self._live = None
+
+    @torch.no_grad()
+    def full_tensors(self) -> tuple:
+        """(w1_PHF, w2_PFH, w3_PHF or None) whole and detached (a collective over the shard group
+        when sharded)."""
+        out = []
+        for w, shape in zip(self.tensors(), self.expert_shapes()):
+            if w is None:
+                out.append(None)
+            elif self.shard is None:
+                out.append(w.detach())
+            else:
+                out.append(gather_columns(w.detach(), self.shard).view(self.pool_size, *shape))
+        return tuple(out)
+
+    def parameter_names(self) -> dict:
+        """{id(tensor): (attribute, full per-expert shape)} of the stored pool tensors."""
+        return {id(w): (name, shape) for name, w, shape in zip(("w1", "w2", "w3"), self.tensors(), self.expert_shapes())
+                if w is not None}
+
+    @torch.no_grad()
+    def gather_full(self, w: torch.Tensor) -> torch.Tensor:
+        """One stored pool tensor, whole: [P, *shape] (a collective over the shard group if sharded)."""
+        _, shape = self.parameter_names()[id(w)]
+        if self.shard is None:
+            return w.detach()
+        return gather_columns(w.detach(), self.shard).view(self.pool_size, *shape)
+
+    @torch.no_grad()
+    def load_full(self, w: torch.Tensor, full: torch.Tensor) -> None:
+        """Copy a whole [P, *shape] pool tensor into the stored one (this rank's columns if sharded)."""
+        _, shape = self.parameter_names()[id(w)]
+        if tuple(full.shape) != (self.pool_size, *shape):
+            raise ValueError(f"pool tensor of shape {tuple(full.shape)}, the pool expects {(self.pool_size, *shape)}")
+        if self.shard is not None:
+            lo, hi = self.shard.columns(math.prod(shape))
+            full = full.reshape(self.pool_size, -1)[:, lo:hi]
+        w.copy_(full.to(device=w.device, dtype=w.dtype))
 
     def extra_repr(self) -> str:
         return (
             f"pool_size={self.pool_size}, hidden_size={self.hidden_size}, "
             f"ffn_hidden_size={self.ffn_hidden_size}, gated={self.gated}"
         )
+
+
+def _collectives():
+    """(all-gather, reduce-scatter) of flat tensors: torch's ``*_single`` names where they exist
+    (torch >= 2.13 deprecates the ``*_tensor`` ones), same semantics on NCCL and gloo."""
+    import torch.distributed as dist
+
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor,
+            getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)
+
+
+def gather_columns(local_RD: torch.Tensor, shard: PoolShard) -> torch.Tensor:
+    """[R, D] from every rank's [R, D/S] column slice (all-gather over the shard group)."""
+    all_gather, _ = _collectives()
+    R, width = local_RD.shape
+    parts_SRD = torch.empty(shard.size * R, width, dtype=local_RD.dtype, device=local_RD.device)
+    all_gather(parts_SRD, local_RD.contiguous(), group=shard.group)
+    return parts_SRD.view(shard.size, R, width).transpose(0, 1).reshape(R, shard.size * width)
+
+
+def reduce_scatter_columns(full_RD: torch.Tensor, shard: PoolShard) -> torch.Tensor:
+    """[R, D/S]: this rank's columns of the sum over the shard group of every rank's [R, D]."""
+    _, reduce_scatter = _collectives()
+    R, D = full_RD.shape
+    width = D // shard.size
+    parts_SRD = full_RD.reshape(R, shard.size, width).transpose(0, 1).contiguous()
+    out_RD = torch.empty(R, width, dtype=full_RD.dtype, device=full_RD.device)
+    reduce_scatter(out_RD, parts_SRD.view(shard.size * R, width), group=shard.group)
+    return out_RD
+
+
+class PoolGradSink:
+    """The pool's gradient of one backward, one buffer per pool tensor, filled in place by every
+    layer (see the module docstring)."""
+
+    __slots__ = ("grads", "consumed")
+
+    def __init__(self, count: int):
+        self.grads: list = [None] * count
+        self.consumed = False
+
+    def add_mm(self, index: int, A_nP: torch.Tensor, dW_nD: torch.Tensor) -> None:
+        """grad[index] += A_nP^T @ dW_nD (the [P, D] gradient of a materialisation)."""
+        g = self.grads[index]
+        if g is None:
+            self.grads[index] = A_nP.t() @ dW_nD
+        else:
+            g.addmm_(A_nP.t(), dW_nD)
+
+    def add_rows(self, index: int, lo: int, dW_nD: torch.Tensor, like: torch.Tensor) -> None:
+        """grad[index][lo:lo+n] += dW_nD (experts used as they are: shared routing)."""
+        g = self.grads[index]
+        if g is None:
+            g = self.grads[index] = torch.zeros(like.shape[0], dW_nD.shape[1], dtype=like.dtype, device=like.device)
+        g[lo:lo + dW_nD.shape[0]].add_(dW_nD)
+
+    def take(self, index: int):
+        g, self.grads[index] = self.grads[index], None
+        return g
+
+
+class _PoolGate(torch.autograd.Function):
+    """Identity on the pool tensors whose backward returns the sink's buffers: the layers' backward
+    returns no pool gradient, and autograd receives the sum once."""
+
+    @staticmethod
+    def forward(ctx, sink: PoolGradSink, *weights):
+        ctx.sink = sink
+        ctx.shapes = [w.shape for w in weights]
+        ctx.set_materialize_grads(False)
+        return tuple(w.view_as(w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        sink = ctx.sink
+        sink.consumed = True
+        out = []
+        for i, (g, shape) in enumerate(zip(grads, ctx.shapes)):
+            acc = sink.take(i)
+            acc = None if acc is None else acc.view(shape)
+            if g is not None:  # the gated view was also used through plain autograd
+                acc = g if acc is None else acc + g
+            out.append(acc)
+        return (None, *out)
 
 
 class PoolRef:

@@ -18,11 +18,15 @@ from tests.helpers import free_port
 
 
 def _snapshot(trainer) -> dict[str, torch.Tensor]:
+    """This rank's parameters under their global names; a sharded pool gathered whole (a collective)."""
     from samoe_dist.init import canonical_name
+    from samoe_dist.model import is_pool_shard
 
     cfg, groups = trainer.cfg, trainer.groups
     offset = groups.ep_rank * (cfg.moe.num_experts // groups.ep_size) if cfg.moe.enabled else 0
-    return {canonical_name(n, offset): p.detach().float().clone() for n, p in trainer.model.named_parameters()}
+    pool = getattr(trainer.model.gpt, "samoe_pool", None)
+    return {canonical_name(n, offset): (pool.gather_full(p) if is_pool_shard(p) else p.detach()).float().clone()
+            for n, p in trainer.model.named_parameters()}
 
 
 def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, probe, out_dir: str) -> None:
@@ -46,6 +50,8 @@ def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, probe
             if probe is not None:
                 result["extra"].append(probe(trainer))
         result["ep_rank"] = trainer.groups.ep_rank
+        pool = getattr(trainer.model.gpt, "samoe_pool", None)
+        result["pool_w1_numel"] = pool.w1.numel() if pool is not None else None  # this rank's share
     except BaseException:  # reported to the parent, which fails the test
         result["error"] = traceback.format_exc()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")

@@ -1,24 +1,39 @@
-"""Exact resume: N steps, stop, resume to 2N equals 2N uninterrupted steps (2 processes, EP=2)."""
+"""Exact resume: N steps, stop, resume to 2N equals 2N uninterrupted steps (2 processes, EP=2; the
+sharded pool at 4 processes, EP2 x EDP2, under ZeRO-0, whose optimizer state DeepSpeed would keep
+for one column slice only, and ZeRO-1)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from tests.helpers import read_metrics, run_launcher, tiny_model_args
 
-KINDS = {"samoe": ["--num-experts", "4", "--samoe-pool-size", "2"], "moe": ["--num-experts", "4"]}
+SAMOE = ["--num-experts", "4", "--samoe-pool-size", "2"]
+SHARDED = [*SAMOE, "--samoe-pool-sharding", "sharded"]
+KINDS = {  # kind: (flags, processes, ZeRO stage)
+    "samoe": (SAMOE, 2, 1),
+    "moe": (["--num-experts", "4"], 2, 1),
+    "sharded-zero0": (SHARDED, 4, 0),
+    "sharded-zero1": (SHARDED, 4, 1),
+}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_resume_continues_the_same_run_bitwise(tmp_path, tiny_corpus, kind):
     corpus, tok = tiny_corpus
-    common = [*KINDS[kind], "--expert-model-parallel-size", "2", "--micro-batch-size", "2",
+    flags, nprocs, zero = KINDS[kind]
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": zero}, "optimizer": {"type": "AdamW", "params": {}}}))
+    common = [*flags, "--expert-model-parallel-size", "2", "--micro-batch-size", "2", "--ds_config", str(ds),
               "--global-batch-size", "8", "--lr", "3e-3", "--train-iters", "8", "--lr-warmup-iters", "2",
               "--eval-iters", "1", "--hidden-dropout", "0.1"]  # dropout: the RNG state must resume too
 
     def run(name, *extra):
         metrics = tmp_path / f"{name}.jsonl"
-        out = run_launcher(2, tiny_model_args(tmp_path, corpus, tok, *common, "--metrics-file", str(metrics), *extra))
+        out = run_launcher(nprocs, tiny_model_args(tmp_path, corpus, tok, *common, "--metrics-file", str(metrics),
+                                                   *extra))
         assert out.returncode == 0, out.stderr[-3000:]
         return out, metrics
 

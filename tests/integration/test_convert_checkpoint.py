@@ -26,9 +26,13 @@ COMMON = ["--num-experts", "4", "--micro-batch-size", "2", "--global-batch-size"
           "--lr-warmup-iters", "1"]
 # (EP size, processes) each checkpoint is loaded at: one launch per kind keeps the test near a minute
 # (a 4-process launch costs ~20 s on 2 CPU cores, a 1-process one ~8 s, a 2-process one ~12 s).
-TARGETS = {"samoe": (4, 4), "moe": (1, 1), "shared": (1, 2)}
+TARGETS = {"samoe": (4, 4), "moe": (1, 1), "shared": (1, 2), "sharded": (1, 2)}
 KIND_FLAGS = {"samoe": ["--samoe-pool-size", "2"], "moe": [],
-              "shared": ["--samoe-pool-size", "4", "--samoe-route-to-pool", "--moe-router-topk", "1"]}
+              "shared": ["--samoe-pool-size", "4", "--samoe-route-to-pool", "--moe-router-topk", "1"],
+              "sharded": ["--samoe-pool-size", "2"]}
+# The sharded kind is written by 4 processes, EP2 x EDP2, with the pool's columns split over EDP, and
+# loaded at EP1 on 2 processes with the pool replicated: model.safetensors holds it whole either way.
+SOURCE = {"sharded": (4, ["--samoe-pool-sharding", "sharded"])}
 
 
 def convert(*argv: str) -> subprocess.CompletedProcess:
@@ -66,8 +70,10 @@ def test_reshard_loads_at_another_expert_parallel_size(tmp_path, tiny_corpus, ki
     corpus, tok = tiny_corpus
     model_flags = [*COMMON, *KIND_FLAGS[kind]]
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "train.jsonl"
-    run = run_launcher(2, tiny_model_args(tmp_path, corpus, tok, *model_flags, "--expert-model-parallel-size", "2",
-                                          "--train-iters", "3", "--save", str(ckpt), "--metrics-file", str(metrics)))
+    source_procs, source_flags = SOURCE.get(kind, (2, []))
+    run = run_launcher(source_procs, tiny_model_args(tmp_path, corpus, tok, *model_flags, *source_flags,
+                                                     "--expert-model-parallel-size", "2", "--train-iters", "3",
+                                                     "--save", str(ckpt), "--metrics-file", str(metrics)))
     assert run.returncode == 0, run.stderr[-3000:]
     original_valid = read_metrics(metrics, "final")[0]["final_valid_loss"]
 

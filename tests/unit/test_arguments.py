@@ -26,7 +26,8 @@ FROZEN_FLAGS = [
     "--moe-router-pre-softmax", "--moe-router-topk", "--moe-token-dispatcher-type", "--moe-z-loss-coeff",
     "--no-moe-router-pre-softmax", "--normalization", "--num-attention-heads", "--num-experts",
     "--num-layers", "--position-embedding-type", "--recompute-granularity", "--samoe-combination", "--samoe-combination-lr-mult", "--samoe-init",
-    "--samoe-init-noise", "--samoe-init-peak", "--samoe-init-peak-mass", "--samoe-pool-size", "--samoe-route-to-pool",
+    "--samoe-init-noise", "--samoe-init-peak", "--samoe-init-peak-mass", "--samoe-pool-sharding", "--samoe-pool-size",
+    "--samoe-route-to-pool",
     "--samoe-temperature", "--samoe-top-m", "--save",
     "--save-interval", "--seed", "--seq-length", "--split", "--swiglu", "--tensorboard-dir",
     "--tokenizer-model", "--tokenizer-type", "--train-iters", "--untie-embeddings-and-output-weights", "--vocab-file", "--vocab-size",
@@ -78,6 +79,8 @@ def test_ds_config_long_form_and_conflict():
     (["--num-experts", "4", "--moe-router-topk", "5"], "--moe-router-topk 5 exceeds --num-experts 4"),
     (["--num-experts", "4", "--samoe-pool-size", "2", "--samoe-top-m", "3"], "--samoe-top-m 3 exceeds --samoe-pool-size 2"),
     (["--samoe-init", "fancy"], "--samoe-init must be"),
+    (["--num-experts", "4", "--samoe-pool-size", "2", "--samoe-pool-sharding", "columns"],
+     "--samoe-pool-sharding must be one of replicated, sharded"),
     (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr"),
     (["--seq-length", "512", "--max-position-embeddings", "256"], "--seq-length 512 exceeds --max-position-embeddings 256"),
     (["--split", "a,b"], "--split must be"),
@@ -108,6 +111,11 @@ def test_layout_checks():
         validate_layout(_cfg("--num-experts", "6", "--expert-model-parallel-size", "4"), 4)
     with pytest.raises(ConfigError, match="--expert-model-parallel-size 4 does not divide the world size 6"):
         validate_layout(_cfg("--num-experts", "8", "--expert-model-parallel-size", "4"), 6)
+    sharded = ("--num-experts", "4", "--samoe-pool-size", "2", "--samoe-pool-sharding", "sharded",
+               "--hidden-size", "8", "--num-attention-heads", "2", "--moe-ffn-hidden-size", "9")
+    validate_layout(_cfg(*sharded), 8)  # 8 x 9 = 72 weights split over 8 ranks
+    with pytest.raises(ConfigError, match="8 x 9 = 72 weights over the expert-data-parallel group of 5 ranks"):
+        validate_layout(_cfg(*sharded), 5)
 
 
 def _run_entry(args, world_size="1"):

@@ -230,3 +230,50 @@ def test_one_hot_degenerate_case_in_bfloat16_on_the_grouped_gemm_path(seeded):
         close(pool.w1.grad[e], expert.linear_fc1.weight.grad[:f].t(), 4)
         close(pool.w3.grad[e], expert.linear_fc1.weight.grad[f:].t(), 4)
         close(pool.w2.grad[e], expert.linear_fc2.weight.grad.t(), 4)
+
+
+def test_layers_accumulate_the_pool_gradient_into_one_buffer(seeded, monkeypatch):
+    """Every layer's backward adds its A^T dW into the forward's sink and returns no pool gradient;
+    autograd hands the pool tensors their gradient once per backward (one post-accumulate hook
+    call each), and it is the same as without the sink (checked by the test above's oracle)."""
+    from samoe_dist.samoe import expert_ffn
+    from samoe_dist.samoe.pool import PoolGradSink
+
+    cfg = _config(gated=True)
+    samoe = SaMoEConfig(samoe_pool_size=3, samoe_init="random")
+    pool = ExpertPool(3, H, FFN, gated=True, init_method_std=0.5, dtype=DT)
+    model = _samoe_stack(cfg, samoe, pool)
+    returned, adds = [], []
+    backward = expert_ffn.MaterializedExpertFFN.backward
+    monkeypatch.setattr(expert_ffn.MaterializedExpertFFN, "backward",
+                        staticmethod(lambda ctx, dy: returned.append(backward(ctx, dy)) or returned[-1]))
+    add_mm = PoolGradSink.add_mm
+    monkeypatch.setattr(PoolGradSink, "add_mm", lambda self, *a: adds.append(a[0]) or add_mm(self, *a))
+    hooks = {name: 0 for name in ("w1", "w2", "w3")}
+    for name in hooks:
+        getattr(pool, name).register_post_accumulate_grad_hook(lambda p, n=name: hooks.__setitem__(n, hooks[n] + 1))
+    x = torch.randn(SEQ, BATCH, H, dtype=DT)
+    _run_stack(model.layers, x).square().sum().backward()
+    assert len(returned) == L
+    assert all(r[3] is None and r[4] is None and r[5] is None for r in returned)  # no [P, h, f] per layer
+    assert sorted(adds) == sorted([0, 1, 2] * L)  # w1, w2, w3 of every layer went into the sink
+    assert hooks == {"w1": 1, "w2": 1, "w3": 1}
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in pool.tensors())
+
+
+def test_pool_values_do_not_depend_on_the_sharding():
+    """Each rank of a column-sharded pool holds exactly its columns of the pool an unsharded run
+    draws from the same seed (every expert drawn whole on the CPU from its own generator)."""
+    from samoe_dist.samoe.pool import PoolShard
+
+    full = ExpertPool(5, 8, 12, gated=True, init_method_std=0.3, seed=123)
+    for S in (2, 4):
+        for r in range(S):
+            part = ExpertPool(5, 8, 12, gated=True, init_method_std=0.3, seed=123, shard=PoolShard(None, S, r))
+            for w_full, w_part in zip(full.tensors(), part.tensors()):
+                cols = w_full.shape[1] * w_full.shape[2] // S
+                torch.testing.assert_close(w_part, w_full.reshape(5, -1)[:, r * cols:(r + 1) * cols], rtol=0, atol=0)
+    other = ExpertPool(5, 8, 12, gated=True, init_method_std=0.3, seed=124)
+    assert not torch.equal(other.w1, full.w1)  # the seed matters
+    with pytest.raises(ValueError, match="does not split into 5 equal column slices"):
+        ExpertPool(5, 8, 12, shard=PoolShard(None, 5, 0), seed=1)
