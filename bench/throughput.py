@@ -1,18 +1,29 @@
-"""Training-step throughput and peak memory: dense, megatron MoE, DeepSpeed MoE and SaMoE.
+"""Training-step throughput and peak memory: dense, three standard MoEs and SaMoE.
 
-All four are megatron-core GPTs trained by the project's Trainer (DeepSpeed engine, the ds_config's
+All are megatron-core GPTs trained by the project's Trainer (DeepSpeed engine, the ds_config's
 ZeRO stage, ``train_step``) on synthetic random tokens, at the SAME active compute: same h, L, seq,
 micro batch; the MoEs have N experts of size f, top-k, in every layer; SaMoE builds them from a
 pool of P; the dense model's FFN is k*f wide (its FLOPs per token are the MoEs' minus the router).
 
 - ``moe``: megatron-core ``MoELayer`` (alltoall dispatcher, dropless, SequentialMLP experts)
+- ``gmoe``: the same MoELayer with its experts on SaMoE's grouped-GEMM code, weights per layer, no
+  pool (``bench/grouped_moe_adapter.py``): the same-kernel peer, dropless
 - ``dsmoe``: ``deepspeed.moe.layer.MoE`` in the MLP slot (``bench/ds_moe_adapter.py``; capacity
-  factor 1, so its padded experts run k*tokens rows like the others)
-- ``samoe``: megatron's MoELayer with SaMoE experts (``samoe_dist.samoe``)
+  factor ``--capacity-factor``, 1 by default: its padded experts run k*tokens rows)
+- ``samoe``: megatron's MoELayer with SaMoE experts (``samoe_dist.samoe``), pool replicated, dropless
+- ``samoe-sharded``: the same with the pool's columns sharded over the expert-data-parallel group
+  (``--samoe-pool-sharding sharded``); identical to ``samoe`` where that group has one rank
+- ``gmoe-cf``, ``samoe-cf``: ``gmoe`` and ``samoe`` with megatron's capacity factor
+  ``--capacity-factor`` (tokens over capacity dropped, not padded): DeepSpeed MoE's token policy
 - ``dense``: megatron's MLP, f_dense = k*f
 
-Method: for each (EP, dtype) every system is one long-lived world (1 process with all cores as
-threads for EP=1; 2 gloo processes with one thread each for EP=2: 2x the tokens per step), started
+Token policies: ``moe``, ``gmoe``, ``samoe``, ``samoe-sharded`` are dropless; ``dsmoe``, ``gmoe-cf``,
+``samoe-cf`` are capacity-bounded. Ratios are reported within a policy (``policy_ratio`` records: each
+SaMoE over each peer of its policy, and over the fastest of them in the run).
+
+Method: for each layout EP x EDP (``--layouts``, world = EP x EDP gloo processes, each with
+cores / world threads, at least 1; micro-batch per rank fixed, so the tokens per step grow with the
+world) and dtype, every system is one long-lived world, started
 together and warmed up; then ``--rounds`` rounds, each running ``--steps-per-round`` timed steps of
 every system in turn (the order rotates each round). Step times are reported as median, min, max
 and quartiles over all timed steps; the ratios are per-round paired (``median step of moe in round
@@ -49,7 +60,7 @@ buffers, SaMoE's one [T*k, f] buffer per layer in particular, are otherwise mmap
 afresh every step, see bench/memory_samoe.py); with ``--malloc-compare`` (default) the first
 (EP, dtype) group also runs moe and samoe without it, so the effect on the ratio is visible.
 
-    .venv/bin/python bench/throughput.py [--quick] [--systems dense,moe,dsmoe,samoe] [--ep 1,2]
+    .venv/bin/python bench/throughput.py [--quick] [--systems dense,moe,gmoe,dsmoe,samoe,...] [--layouts 1x1,2x1,2x2]
         [--dtypes fp32,bf16] [--rounds R] [--output results.jsonl] [--markdown results.md]
     .venv/bin/python bench/throughput.py --report-from results.jsonl --markdown results.md
 """
@@ -73,7 +84,9 @@ from throughput_report import load_run, markdown
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "bench", "throughput_worker.py")
-SYSTEMS = ("dense", "moe", "dsmoe", "samoe")
+SYSTEMS = ("dense", "moe", "gmoe", "dsmoe", "samoe", "samoe-sharded", "gmoe-cf", "samoe-cf")
+DROPLESS = ("moe", "gmoe", "samoe", "samoe-sharded")
+CAPACITY = ("dsmoe", "gmoe-cf", "samoe-cf")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 # shape and schedule: default mode (~10-15 min on 2 cores) and --quick (< 3 min)
 PRESETS = {
@@ -91,7 +104,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (< 3 min)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
-    p.add_argument("--ep", default="1,2", help="expert-parallel sizes (= processes) to run, e.g. 1,2")
+    p.add_argument("--layouts", default="1x1,2x1,2x2",
+                   help="EPxEDP layouts to run (world = EP x EDP processes), e.g. 1x1,2x1,2x2")
     p.add_argument("--dtypes", default="fp32,bf16")
     for name in PRESETS["default"]:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
@@ -114,16 +128,19 @@ def parse_args(argv=None):
         if getattr(a, name) is None:
             setattr(a, name, value)
     a.systems = [s for s in a.systems.split(",") if s]
-    a.eps = [int(e) for e in a.ep.split(",") if e]
     a.dtype_list = [d for d in a.dtypes.split(",") if d]
+    try:
+        a.layout_list = [tuple(int(v) for v in lay.split("x")) for lay in a.layouts.split(",") if lay]
+    except ValueError:
+        a.layout_list = []
     bad = [s for s in a.systems if s not in SYSTEMS] + [d for d in a.dtype_list if d not in ("fp32", "bf16")]
-    if bad or not a.systems or any(e not in (1, 2) for e in a.eps):
-        p.error(f"unknown system/dtype {bad} or EP not in (1, 2): --systems from {SYSTEMS}, "
-                f"--dtypes from fp32,bf16, --ep from 1,2")
+    if bad or not a.systems or not a.layout_list or any(len(lay) != 2 or min(lay) < 1 for lay in a.layout_list):
+        p.error(f"unknown system/dtype {bad} or bad --layouts {a.layouts!r}: --systems from {SYSTEMS}, "
+                f"--dtypes from fp32,bf16, --layouts as EPxEDP,... (e.g. 1x1,2x1,2x2)")
     if a.warmup < 1 or a.rounds < 1 or a.steps_per_round < 1:
         p.error("--warmup, --rounds and --steps-per-round must be >= 1")
-    if a.num_experts % max(a.eps) or a.samoe_pool_size < 1:
-        p.error(f"--num-experts {a.num_experts} must be divisible by every EP size {a.eps}")
+    if any(a.num_experts % ep for ep, _ in a.layout_list) or a.samoe_pool_size < 1:
+        p.error(f"--num-experts {a.num_experts} must be divisible by every EP size {[e for e, _ in a.layout_list]}")
     return a
 
 
@@ -157,8 +174,12 @@ def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
     else:
         argv += ["--ffn-hidden-size", a.ffn_hidden_size, "--num-experts", a.num_experts,
                  "--moe-router-topk", a.moe_router_topk, "--expert-model-parallel-size", ep]
-    if system == "samoe":
+    if system.startswith("samoe"):
         argv += ["--samoe-pool-size", a.samoe_pool_size]
+    if system == "samoe-sharded":
+        argv += ["--samoe-pool-sharding", "sharded"]
+    if system in ("gmoe-cf", "samoe-cf"):
+        argv += ["--moe-expert-capacity-factor", a.capacity_factor]
     if dtype == "bf16":
         argv.append("--bf16")
     return [str(x) for x in argv]
@@ -167,9 +188,9 @@ def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
 class World:
     """The processes of one benchmarked (system, EP, dtype), answering JSON commands."""
 
-    def __init__(self, a, name: str, system: str, ep: int, dtype: str, malloc_env: bool, log_dir: str):
+    def __init__(self, a, name: str, system: str, ep: int, edp: int, dtype: str, malloc_env: bool, log_dir: str):
         self.name, self.system, self.ep, self.dtype, self.malloc_env = name, system, ep, dtype, malloc_env
-        self.size = 1 if system == "peak" else ep
+        self.size = 1 if system == "peak" else ep * edp
         self.timeout = a.timeout
         threads = _cores() if system == "peak" else max(1, _cores() // self.size)
         self.threads = threads
@@ -185,7 +206,7 @@ class World:
                         argv=trainer_argv(a, system, ep, self.size, dtype), warmup=a.warmup,
                         capacity_factor=a.capacity_factor, hidden_size=a.hidden_size,
                         ffn_hidden_size=a.ffn_hidden_size, matmul_size=a.matmul_size, matmul_reps=a.matmul_reps)
-            path = os.path.join(log_dir, f"{name.replace('/', '_')}_ep{ep}_{dtype}_rank{rank}.log")
+            path = os.path.join(log_dir, f"{name.replace('/', '_')}_ep{ep}x{edp}_{dtype}_rank{rank}.log")
             logf = open(path, "w")
             proc = subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=logf, text=True, env=env, cwd=REPO)
@@ -262,22 +283,22 @@ def flops_per_token(a, system: str) -> float:
     return 6.0 * (L * (4 * h * h + mlp) + h * a.vocab_size) + 12.0 * L * h * a.seq_length
 
 
-def materialise_flops_per_step(a, ep: int) -> float:
+def materialise_flops_per_step(a, ep: int, shards: int = 1) -> float:
     """SaMoE's extra FLOPs per step and rank: 8 GEMMs of (N/EP) x P x h*f per layer (forward W1, W2;
-    backward their recomputation, and dW -> dW_pool and dA for each)."""
-    return 8 * 2.0 * (a.num_experts // ep) * a.samoe_pool_size * a.hidden_size * a.ffn_hidden_size * a.num_layers
+    backward their recomputation, and dW -> dW_pool and dA for each); a sharded pool does 1/EDP."""
+    return 8 * 2.0 * (a.num_experts // ep) * a.samoe_pool_size * a.hidden_size * a.ffn_hidden_size * a.num_layers / shards
 
 
 # -- one (EP, dtype) group -----------------------------------------------------------------------
-def run_group(a, ep: int, dtype: str, with_malloc_compare: bool, log_dir: str, emit) -> dict:
+def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_dir: str, emit) -> dict:
     specs = [(s, s, True) for s in a.systems] + [("peak", "peak", True)]
     if with_malloc_compare:
         specs += [(f"{s}/no-malloc-env", s, False) for s in ("moe", "samoe") if s in a.systems]
-    log.info("EP=%d %s: starting %s", ep, dtype, ", ".join(n for n, _, _ in specs))
+    log.info("EP=%d x EDP=%d %s: starting %s", ep, edp, dtype, ", ".join(n for n, _, _ in specs))
     worlds = {}
     try:
         for name, system, malloc in specs:
-            worlds[name] = World(a, name, system, ep, dtype, malloc, log_dir)
+            worlds[name] = World(a, name, system, ep, edp, dtype, malloc, log_dir)
         ready = {name: w.recv() for name, w in worlds.items()}
         names = list(worlds)
         per_round: dict[str, list[list[float]]] = {n: [] for n in names}
@@ -290,7 +311,7 @@ def run_group(a, ep: int, dtype: str, with_malloc_compare: bool, log_dir: str, e
                     continue
                 replies = w.ask({"cmd": "run", "steps": a.steps_per_round})
                 per_round[name].append([max(ts) for ts in zip(*(rep["step_s"] for rep in replies))])
-            log.info("EP=%d %s: round %d/%d done", ep, dtype, r + 1, a.rounds)
+            log.info("EP=%d x EDP=%d %s: round %d/%d done", ep, edp, dtype, r + 1, a.rounds)
         profiles = {}
         if a.profile:
             for name, w in worlds.items():
@@ -299,12 +320,18 @@ def run_group(a, ep: int, dtype: str, with_malloc_compare: bool, log_dir: str, e
     finally:
         for w in worlds.values():
             w.close()
-    return summarise_group(a, ep, dtype, worlds, ready, per_round, profiles, emit)
+    return summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
 
 
-def summarise_group(a, ep, dtype, worlds, ready, per_round, profiles, emit) -> dict:
+def _paired(per_round, base: str, other: str) -> dict:
+    """tokens/s of ``other`` over ``base``, paired per round (median step of base / of other)."""
+    return spread([statistics.median(b) / statistics.median(o) for b, o in zip(per_round[base], per_round[other])])
+
+
+def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit) -> dict:
+    layout = f"{ep}x{edp}"
     peak_gflops = spread([x for rnd in per_round["peak"] for x in rnd])
-    emit({"type": "peak", "ep": ep, "dtype": dtype, "matmul_size": a.matmul_size,
+    emit({"type": "peak", "ep": ep, "edp": edp, "layout": layout, "dtype": dtype, "matmul_size": a.matmul_size,
           "threads": worlds["peak"].threads, "gflops": peak_gflops})
     results = {}
     for name, w in worlds.items():
@@ -314,7 +341,8 @@ def summarise_group(a, ep, dtype, worlds, ready, per_round, profiles, emit) -> d
         st = spread(steps)
         tokens = a.micro_batch_size * a.seq_length * w.size
         fpt = flops_per_token(a, w.system)
-        rec = {"type": "result", "system": w.system, "name": name, "ep": ep, "dtype": dtype,
+        rec = {"type": "result", "system": w.system, "name": name, "ep": ep, "edp": edp, "layout": layout,
+               "dtype": dtype,
                "processes": w.size, "threads_per_process": w.threads, "malloc_env": w.malloc_env,
                "tokens_per_step": tokens, "step_s": st,
                "tokens_per_s": {"median": tokens / st["median"], "min": tokens / st["max"], "max": tokens / st["min"]},
@@ -323,8 +351,9 @@ def summarise_group(a, ep, dtype, worlds, ready, per_round, profiles, emit) -> d
                        for k, k2 in (("median", "median"), ("min", "max"), ("max", "min"))},
                "params": ready[name][0].get("param_counts"), "losses_last_warmup": ready[name][0].get("losses"),
                "memory": {"rss_import_bytes": max(r["rss_import_bytes"] for r in ready[name])}}
-        if w.system == "samoe":
-            rec["materialise_flops_fraction"] = materialise_flops_per_step(a, ep) / (fpt * tokens / w.size)
+        if w.system.startswith("samoe"):
+            shards = edp if w.system == "samoe-sharded" else 1
+            rec["materialise_flops_fraction"] = materialise_flops_per_step(a, ep, shards) / (fpt * tokens / w.size)
             rec["grouped_mm"] = ready[name][0].get("grouped_mm")
         if name in profiles:
             prof = profiles[name]
@@ -342,14 +371,34 @@ def summarise_group(a, ep, dtype, worlds, ready, per_round, profiles, emit) -> d
     pairs += [("moe/no-malloc-env", "samoe/no-malloc-env"), ("samoe/no-malloc-env", "samoe"), ("moe/no-malloc-env", "moe")]
     for base, other in pairs:  # tokens/s of `other` over `base`, paired per round
         if base in results and other in results:
-            paired = [statistics.median(b) / statistics.median(o) for b, o in zip(per_round[base], per_round[other])]
-            rec = {"type": "ratio", "ep": ep, "dtype": dtype, "numerator": other, "denominator": base,
-                   "tokens_per_s_ratio": spread(paired),
+            rec = {"type": "ratio", "ep": ep, "edp": edp, "layout": layout, "dtype": dtype, "numerator": other,
+                   "denominator": base, "tokens_per_s_ratio": _paired(per_round, base, other),
                    "best_step_ratio": results[base]["step_s"]["min"] / results[other]["step_s"]["min"],
                    "headline": (other, base) == ("samoe", "moe")}
             emit(rec)
             ratios.append(rec)
-    return {"results": results, "ratios": ratios, "peak": peak_gflops}
+    policy_ratios = []
+    for policy, members in (("dropless", DROPLESS), ("capacity", CAPACITY)):
+        samoes = [n for n in members if n.startswith("samoe") and n in results]
+        peers = [n for n in members if not n.startswith("samoe") and n in results]
+        if not samoes or not peers:
+            continue
+        fastest = min(peers, key=lambda n: results[n]["step_s"]["median"])
+        for s_name in samoes:
+            for peer in peers:
+                rec = {"type": "policy_ratio", "ep": ep, "edp": edp, "layout": layout, "dtype": dtype,
+                       "policy": policy, "numerator": s_name, "denominator": peer, "fastest_peer": peer == fastest,
+                       "tokens_per_s_ratio": _paired(per_round, peer, s_name),
+                       "best_step_ratio": results[peer]["step_s"]["min"] / results[s_name]["step_s"]["min"],
+                       "peak_step_alloc_ratio": _alloc_ratio(results, s_name, peer)}
+                emit(rec)
+                policy_ratios.append(rec)
+    return {"results": results, "ratios": ratios, "policy_ratios": policy_ratios, "peak": peak_gflops}
+
+
+def _alloc_ratio(results, num: str, den: str):
+    a, b = (results[n]["memory"].get("peak_step_alloc_bytes") for n in (num, den))
+    return a / b if a and b else None
 
 
 def main(argv=None) -> None:
@@ -374,7 +423,8 @@ def main(argv=None) -> None:
             out.flush()
 
     config = {"type": "config", "mode": "quick" if a.quick else "default", "cores": _cores(),
-              "loadavg_start": round(os.getloadavg()[0], 2), "systems": a.systems, "ep": a.eps,
+              "loadavg_start": round(os.getloadavg()[0], 2), "systems": a.systems,
+              "layouts": [f"{ep}x{edp}" for ep, edp in a.layout_list],
               "dtypes": a.dtype_list, **{k: getattr(a, k) for k in PRESETS["default"]},
               "capacity_factor": a.capacity_factor, "ds_config": os.path.relpath(a.ds_config, REPO),
               "matmul_reps": a.matmul_reps, "malloc_env": MALLOC_ENV}
@@ -383,15 +433,18 @@ def main(argv=None) -> None:
     groups = []
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as log_dir:
         first = True
-        for ep in a.eps:
+        for ep, edp in a.layout_list:
             for dtype in a.dtype_list:
-                groups.append(run_group(a, ep, dtype, a.malloc_compare and first, log_dir, emit))
+                groups.append(run_group(a, ep, edp, dtype, a.malloc_compare and first, log_dir, emit))
                 first = False
     config["loadavg_end"] = round(os.getloadavg()[0], 2)
     headline = [r for g in groups for r in g["ratios"] if r["headline"]]
     emit({"type": "summary", "wall_s": round(time.time() - t0, 1), "loadavg_end": config["loadavg_end"],
-          "samoe_over_moe_tokens_per_s": {f"ep{r['ep']}_{r['dtype']}": r["tokens_per_s_ratio"]["median"]
-                                          for r in headline}})
+          "samoe_over_moe_tokens_per_s": {f"{r['layout']}_{r['dtype']}": r["tokens_per_s_ratio"]["median"]
+                                          for r in headline},
+          "samoe_over_fastest_peer_tokens_per_s": {
+              f"{r['layout']}_{r['dtype']}_{r['numerator']}_over_{r['denominator']}": r["tokens_per_s_ratio"]["median"]
+              for g in groups for r in g["policy_ratios"] if r["fastest_peer"]}})
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(markdown(config, groups))

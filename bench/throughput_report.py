@@ -16,6 +16,11 @@ def _best_ratio(group: dict, ratio: dict) -> float:
     return res[ratio["denominator"]]["step_s"]["min"] / res[ratio["numerator"]]["step_s"]["min"]
 
 
+def _layout(r: dict) -> str:
+    """EPxEDP of a record (records of runs before layouts had only the EP size, world = EP)."""
+    return r.get("layout", f"{r['ep']}x1")
+
+
 def _mib(x) -> str:
     return "-" if x is None else f"{x / 2 ** 20:.0f}"
 
@@ -23,16 +28,17 @@ def _mib(x) -> str:
 def markdown(config: dict, groups: list[dict]) -> str:
     """The Markdown report of one run (its config record and per-(EP, dtype) groups)."""
     a = types.SimpleNamespace(**config)
-    lines = ["# Training-step throughput: dense, megatron MoE, DeepSpeed MoE, SaMoE", "",
+    lines = ["# Training-step throughput: dense, megatron MoE, same-kernel MoE, DeepSpeed MoE, SaMoE", "",
              f"Shape: L={a.num_layers} h={a.hidden_size} heads={a.num_attention_heads} f={a.ffn_hidden_size} "
              f"N={a.num_experts} k={a.moe_router_topk} P={a.samoe_pool_size} (SaMoE) seq={a.seq_length} "
              f"micro-batch={a.micro_batch_size} per rank, vocab={a.vocab_size}; dense f={a.moe_router_topk * a.ffn_hidden_size}; "
              f"DeepSpeed MoE capacity factor {a.capacity_factor}; ds_config {a.ds_config}.",
              f"Machine: {config['cores']} cores, load average {config['loadavg_start']} at start, "
              f"{config['loadavg_end']} at end; {a.rounds} rounds x {a.steps_per_round} steps after {a.warmup} "
-             f"warm-up steps, systems interleaved round-robin. EP=2 is 2 gloo processes x "
-             f"{max(1, config['cores'] // 2)} thread(s), twice the tokens per step.", "",
-             "| EP | dtype | system | tokens/s (median) | step ms median [min, max] | tokens/s vs megatron MoE "
+             f"warm-up steps, systems interleaved round-robin. Layout EPxEDP is EP x EDP gloo processes, "
+             f"cores / processes threads each (at least 1); the micro-batch is per rank, so the tokens per step "
+             f"grow with the processes.", "",
+             "| layout | dtype | system | tokens/s (median) | step ms median [min, max] | tokens/s vs megatron MoE "
              "(paired, median [min, max]) | MFU | peak step alloc MiB (profiler) | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
@@ -45,12 +51,25 @@ def markdown(config: dict, groups: list[dict]) -> str:
                 f"{rat['tokens_per_s_ratio']['median']:.3f} [{rat['tokens_per_s_ratio']['min']:.3f}, "
                 f"{rat['tokens_per_s_ratio']['max']:.3f}]" if rat else "-")
             mem = r["memory"]
-            lines.append(f"| {r['ep']} | {r['dtype']} | {name} | {r['tokens_per_s']['median']:.0f} | "
+            lines.append(f"| {_layout(r)} | {r['dtype']} | {name} | {r['tokens_per_s']['median']:.0f} | "
                          f"{1e3 * st['median']:.0f} [{1e3 * st['min']:.0f}, {1e3 * st['max']:.0f}] | {rtxt} | "
                          f"{100 * r['mfu']['median']:.1f}% | {_mib(mem.get('peak_step_alloc_bytes'))} | "
                          f"{_mib(mem.get('rss_peak_bytes'))} |")
+    lines += ["", "## SaMoE against the peers of its token policy (per-round paired tokens/s ratios)", "",
+              "Dropless: megatron MoE (moe), the same-kernel MoE (gmoe). Capacity factor "
+              f"{a.capacity_factor}: DeepSpeed MoE (dsmoe), the same-kernel MoE with megatron's capacity (gmoe-cf). "
+              "**bold**: the fastest peer of that policy in the layout.", "",
+              "| layout | dtype | policy | SaMoE | over | tokens/s ratio median [min, max] | ratio of the best steps "
+              "| peak step alloc ratio |", "|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        for r in g.get("policy_ratios", []):
+            t = r["tokens_per_s_ratio"]
+            peer = f"**{r['denominator']}**" if r["fastest_peer"] else r["denominator"]
+            alloc = "-" if r.get("peak_step_alloc_ratio") is None else f"{r['peak_step_alloc_ratio']:.2f}"
+            lines.append(f"| {_layout(r)} | {r['dtype']} | {r['policy']} | {r['numerator']} | {peer} | "
+                         f"{t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}] | {r['best_step_ratio']:.3f} | {alloc} |")
     lines += ["", "## Headline: SaMoE / megatron MoE tokens/s (per-round paired ratios)", "",
-              "| EP | dtype | glibc malloc env | median | min | max | ratio of the best steps |",
+              "| layout | dtype | glibc malloc env | median | min | max | ratio of the best steps |",
               "|---|---|---|---|---|---|---|"]
     for g in groups:
         for r in g["ratios"]:
@@ -58,7 +77,7 @@ def markdown(config: dict, groups: list[dict]) -> str:
             if pair in (("samoe", "moe"), ("samoe/no-malloc-env", "moe/no-malloc-env")):
                 t = r["tokens_per_s_ratio"]
                 env = "set" if pair[0] == "samoe" else "not set"
-                lines.append(f"| {r['ep']} | {r['dtype']} | {env} | {t['median']:.3f} | {t['min']:.3f} | "
+                lines.append(f"| {_layout(r)} | {r['dtype']} | {env} | {t['median']:.3f} | {t['min']:.3f} | "
                              f"{t['max']:.3f} | {_best_ratio(g, r):.3f} |")
     lines += ["", "Ratio of the best steps: fastest step of megatron MoE / fastest step of SaMoE over the "
               "whole run; other processes on the machine only ever add time, so it is the estimate least "
@@ -67,22 +86,22 @@ def markdown(config: dict, groups: list[dict]) -> str:
         for r in g["ratios"]:
             if r["denominator"].endswith("no-malloc-env") and "/" not in r["numerator"]:
                 t = r["tokens_per_s_ratio"]
-                lines.append(f"\n{r['numerator']} with / without the malloc env (EP={r['ep']} {r['dtype']}): "
+                lines.append(f"\n{r['numerator']} with / without the malloc env ({_layout(r)} {r['dtype']}): "
                              f"{t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}], best steps {_best_ratio(g, r):.3f}")
     lines += ["", "## Matmul peak (MFU denominator; all cores, best of "
-              f"{a.matmul_reps} {a.matmul_size}^3 matmuls per round)", "", "| EP group | dtype | GFLOP/s median [min, max] |",
+              f"{a.matmul_reps} {a.matmul_size}^3 matmuls per round)", "", "| layout | dtype | GFLOP/s median [min, max] |",
               "|---|---|---|"]
     for g in groups:
         p, any_r = g["peak"], next(iter(g["results"].values()))
-        lines.append(f"| {any_r['ep']} | {any_r['dtype']} | {p['median']:.1f} [{p['min']:.1f}, {p['max']:.1f}] |")
+        lines.append(f"| {_layout(any_r)} | {any_r['dtype']} | {p['median']:.1f} [{p['min']:.1f}, {p['max']:.1f}] |")
     cats = list(CATEGORIES) + ["other"]
     lines += ["", "## Step breakdown (torch.profiler, % of one profiled step, rank 0; ranges in "
-              "bench/step_breakdown.py)", "", "| EP | dtype | system | " + " | ".join(cats) + " |",
+              "bench/step_breakdown.py)", "", "| layout | dtype | system | " + " | ".join(cats) + " |",
               "|---|---|---|" + "---|" * len(cats)]
     for g in groups:
         for name, r in g["results"].items():
             if "breakdown" in r and "/" not in name:
-                lines.append(f"| {r['ep']} | {r['dtype']} | {name} | " +
+                lines.append(f"| {_layout(r)} | {r['dtype']} | {name} | " +
                              " | ".join(f"{100 * r['breakdown'][c]:.1f}" for c in cats) + " |")
     lines += ["", "## Expert-path time per step, ms (median of the profiled steps, rank 0; fwd / bwd)", ""]
     for g in groups:
@@ -90,7 +109,7 @@ def markdown(config: dict, groups: list[dict]) -> str:
         if not rs:
             continue
         any_r = next(iter(rs.values()))
-        lines += [f"EP={any_r['ep']} {any_r['dtype']}:", "", "| label | " + " | ".join(rs) + " |",
+        lines += [f"{_layout(any_r)} {any_r['dtype']}:", "", "| label | " + " | ".join(rs) + " |",
                   "|---|" + "---|" * len(rs)]
         for label in EXPERT_LABELS:
             cells = [f"{r['breakdown_ms'].get(label + ' (fwd)', 0):.1f} / {r['breakdown_ms'].get(label + ' (bwd)', 0):.1f}"
@@ -98,10 +117,10 @@ def markdown(config: dict, groups: list[dict]) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("| profiled step | " + " | ".join(f"{r['profiled_step_ms']:.0f}" for r in rs.values()) + " |")
         lines.append("")
-    samoe = [r for g in groups for n, r in g["results"].items() if n == "samoe"]
+    samoe = [r for g in groups for n, r in g["results"].items() if n.startswith("samoe") and "/" not in n]
     if samoe:
         lines += ["", "SaMoE materialisation FLOPs / model FLOPs per step: " + ", ".join(
-            f"EP={r['ep']} {r['dtype']}: {100 * r['materialise_flops_fraction']:.1f}%" for r in samoe) +
+            f"{r['name']} {_layout(r)} {r['dtype']}: {100 * r['materialise_flops_fraction']:.1f}%" for r in samoe) +
             f"; torch grouped GEMM used: {samoe[0].get('grouped_mm')}."]
     return "\n".join(lines) + "\n"
 
@@ -116,12 +135,15 @@ def load_run(path: str) -> tuple[dict, list[dict]]:
     config.setdefault("matmul_reps", 3)
     groups: dict[tuple, dict] = {}
     for r in records:
-        if r["type"] in ("peak", "result", "ratio"):
-            g = groups.setdefault((r["ep"], r["dtype"]), {"results": {}, "ratios": [], "peak": None})
+        if r["type"] in ("peak", "result", "ratio", "policy_ratio"):
+            g = groups.setdefault((_layout(r), r["dtype"]),
+                                  {"results": {}, "ratios": [], "policy_ratios": [], "peak": None})
             if r["type"] == "peak":
                 g["peak"] = r["gflops"]
             elif r["type"] == "result":
                 g["results"][r["name"]] = r
-            else:
+            elif r["type"] == "ratio":
                 g["ratios"].append(r)
+            else:
+                g["policy_ratios"].append(r)
     return config, list(groups.values())

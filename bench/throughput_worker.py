@@ -6,7 +6,8 @@ Started by ``bench/throughput.py`` (one process per rank, one world per system/E
 
 - the data: ``build_training_data`` returns :class:`SyntheticData`, a few pre-made batches of
   uniform random tokens (indexing a list costs nothing next to a step);
-- for ``dsmoe`` only, the model: ``build_model`` is ``bench/ds_moe_adapter.build_ds_moe_model``.
+- for ``dsmoe`` the model: ``build_model`` is ``bench/ds_moe_adapter.build_ds_moe_model``; for
+  ``gmoe``/``gmoe-cf`` it is ``bench/grouped_moe_adapter.build_grouped_moe_model``.
 
 Then it runs the warm-up steps, prints ``ready`` and answers JSON commands, one per line:
 ``{"cmd": "run", "steps": n}`` (times n train_steps), ``{"cmd": "profile"}`` (one step under
@@ -181,6 +182,10 @@ def main() -> None:
         from ds_moe_adapter import build_ds_moe_model
 
         training.build_model = partial(build_ds_moe_model, capacity_factor=spec["capacity_factor"])
+    elif spec["system"].startswith("gmoe"):
+        from grouped_moe_adapter import build_grouped_moe_model
+
+        training.build_model = build_grouped_moe_model
     trainer = training.Trainer(cfg, ds_path)
     import logging
 
@@ -210,8 +215,8 @@ def main() -> None:
 
 
 def _grouped_mm_used(spec) -> bool | None:
-    """Whether SaMoE's experts run torch's grouped GEMM here (False: the per-expert loop)."""
-    if spec["system"] != "samoe":
+    """Whether SaMoE's (and gmoe's) experts run torch's grouped GEMM here (False: the per-expert loop)."""
+    if not spec["system"].startswith(("samoe", "gmoe")):
         return None
     import torch
 

@@ -10,6 +10,14 @@ torch's grouped GEMM runs on the CPU in torch 2.13 for fp32/bf16/fp16 when both 
 are 16-byte aligned; other cases (fp64 for gradcheck, odd sizes, a device or build without it)
 take the loop over experts that megatron's SequentialMLP uses. Whether the grouped kernel works
 for a (device, dtype, K, N) is probed once, on a tiny case, and cached.
+
+Row padding (CPU, bf16/fp16): oneDNN builds a kernel for every new per-group row count it sees in
+half precision and caches it; a fresh shape costs about ten cached calls. Token counts per expert
+change every micro-batch, so early in a run nearly every call pays. Rounding each group's rows up to
+a multiple of ``PAD_ROWS[dtype]`` (zero rows, which add nothing to either product) bounds the
+shapes to T / PAD_ROWS per group, which the cache then holds. It costs one copy of the inputs in and
+of the output out. fp32 (no per-shape cost measured) and non-CPU devices (the offsets are a device
+tensor; no per-shape build) are not padded.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Set to False to force the loop (tests compare both paths).
 ENABLE_GROUPED_MM = True
+# Rows per group are rounded up to this multiple on the CPU (module docstring); {} turns it off.
+PAD_ROWS = {torch.bfloat16: 32, torch.float16: 32}
 
 
 def _offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -76,12 +86,47 @@ def _loop_weight_grad(x_TK: torch.Tensor, dy_TN: torch.Tensor, counts: Sequence[
     return torch.stack([xg.t() @ dyg for xg, dyg in zip(xs, dys)], dim=0)
 
 
+def _padding(x: torch.Tensor, counts: Sequence[int]):
+    """(counts, padded counts) when this call is padded (module docstring), else None."""
+    multiple = PAD_ROWS.get(x.dtype) if x.device.type == "cpu" else None
+    if not multiple:
+        return None
+    counts = tuple(int(c) for c in counts)
+    padded = tuple(-(-c // multiple) * multiple for c in counts)
+    return None if padded == counts else (counts, padded)
+
+
+def _pad(t_TK: torch.Tensor, counts: tuple, padded: tuple) -> torch.Tensor:
+    """Rows of group g at the start of its padded block, zeros after (one slice copy per group)."""
+    out = t_TK.new_empty(sum(padded), t_TK.shape[1])
+    src = dst = 0
+    for c, pc in zip(counts, padded):
+        out[dst:dst + c].copy_(t_TK[src:src + c])
+        out[dst + c:dst + pc].zero_()
+        src, dst = src + c, dst + pc
+    return out
+
+
+def _unpad(t_TK: torch.Tensor, counts: tuple, padded: tuple) -> torch.Tensor:
+    out = t_TK.new_empty(sum(counts), t_TK.shape[1])
+    src = dst = 0
+    for c, pc in zip(counts, padded):
+        out[dst:dst + c].copy_(t_TK[src:src + c])
+        src, dst = src + pc, dst + c
+    return out
+
+
 def grouped_matmul(x_TK: torch.Tensor, w_GKN: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     """y_TN with rows of group g equal to ``x_TK[rows of g] @ w_GKN[g]``."""
     G, K, N = w_GKN.shape
     if x_TK.shape[0] == 0:
         return x_TK.new_zeros(0, N)
     if _use_grouped(x_TK, K, N):
+        pad = _padding(x_TK, counts)
+        if pad is not None:
+            counts, padded = pad
+            y_pad = _GROUPED_MM(_pad(x_TK, counts, padded), w_GKN, offs=_offsets(padded, x_TK.device))
+            return _unpad(y_pad, counts, padded)
         return _GROUPED_MM(x_TK, w_GKN, offs=_offsets(counts, x_TK.device))
     return _loop_matmul(x_TK, w_GKN, counts)
 
@@ -92,5 +137,10 @@ def grouped_weight_grad(x_TK: torch.Tensor, dy_TN: torch.Tensor, counts: Sequenc
     if x_TK.shape[0] == 0:
         return x_TK.new_zeros(len(counts), K, N)
     if _use_grouped(x_TK, K, N):
+        pad = _padding(x_TK, counts)
+        if pad is not None:
+            counts, padded = pad
+            return _GROUPED_MM(_pad(x_TK, counts, padded).t(), _pad(dy_TN, counts, padded),
+                               offs=_offsets(padded, x_TK.device))
         return _GROUPED_MM(x_TK.t(), dy_TN, offs=_offsets(counts, x_TK.device))
     return _loop_weight_grad(x_TK, dy_TN, counts)

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_quick_throughput_bench_prints_its_records(tmp_path):
     out, md = tmp_path / "out.jsonl", tmp_path / "report.md"
-    cmd = [sys.executable, str(REPO / "bench" / "throughput.py"), "--quick", "--systems", "samoe,moe",
-           "--ep", "1", "--dtypes", "fp32", "--rounds", "1", "--no-malloc-compare",
+    cmd = [sys.executable, str(REPO / "bench" / "throughput.py"), "--quick", "--systems", "samoe,moe,gmoe",
+           "--layouts", "1x1", "--dtypes", "fp32", "--rounds", "1", "--no-malloc-compare",
            "--output", str(out), "--markdown", str(md)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -30,16 +30,16 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     by_type: dict[str, list[dict]] = {}
     for rec in records:
         by_type.setdefault(rec["type"], []).append(rec)
-    assert set(by_type) == {"config", "peak", "result", "ratio", "summary"}
+    assert set(by_type) == {"config", "peak", "result", "ratio", "policy_ratio", "summary"}
     assert by_type["config"][0]["mode"] == "quick"
 
     (peak,) = by_type["peak"]
     assert peak["dtype"] == "fp32" and peak["gflops"]["median"] > 0
 
     results = {r["system"]: r for r in by_type["result"]}
-    assert set(results) == {"samoe", "moe"}
+    assert set(results) == {"samoe", "moe", "gmoe"}
     for system, r in results.items():
-        assert (r["ep"], r["dtype"], r["processes"], r["malloc_env"]) == (1, "fp32", 1, True)
+        assert (r["ep"], r["edp"], r["dtype"], r["processes"], r["malloc_env"]) == (1, 1, "fp32", 1, True)
         st = r["step_s"]
         assert st["n"] == 2  # 1 round x 2 steps
         assert 0 < st["min"] <= st["q1"] <= st["median"] <= st["q3"] <= st["max"]
@@ -62,16 +62,78 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     assert 0 < results["samoe"]["materialise_flops_fraction"] < 1
     assert results["samoe"]["params"]["pool"] > 0 and results["moe"]["params"]["pool"] == 0
 
-    (ratio,) = by_type["ratio"]
-    assert (ratio["numerator"], ratio["denominator"], ratio["headline"]) == ("samoe", "moe", True)
+    assert sorted((r["numerator"], r["denominator"]) for r in by_type["ratio"]) == [("gmoe", "moe"), ("samoe", "moe")]
+    (ratio,) = [r for r in by_type["ratio"] if r["headline"]]
+    assert (ratio["numerator"], ratio["denominator"]) == ("samoe", "moe")
     assert ratio["tokens_per_s_ratio"]["n"] == 1 and ratio["tokens_per_s_ratio"]["median"] > 0
     assert ratio["best_step_ratio"] == results["moe"]["step_s"]["min"] / results["samoe"]["step_s"]["min"]
-    assert by_type["summary"][0]["samoe_over_moe_tokens_per_s"]["ep1_fp32"] == ratio["tokens_per_s_ratio"]["median"]
+    assert by_type["summary"][0]["samoe_over_moe_tokens_per_s"]["1x1_fp32"] == ratio["tokens_per_s_ratio"]["median"]
+    # within the dropless policy, SaMoE over each peer, the fastest one marked
+    policy = {r["denominator"]: r for r in by_type["policy_ratio"]}
+    assert set(policy) == {"moe", "gmoe"} and all(r["numerator"] == "samoe" for r in policy.values())
+    fastest = min(("moe", "gmoe"), key=lambda n: results[n]["step_s"]["median"])
+    assert [n for n, r in policy.items() if r["fastest_peer"]] == [fastest]
+    assert policy["gmoe"]["best_step_ratio"] == results["gmoe"]["step_s"]["min"] / results["samoe"]["step_s"]["min"]
 
     report = md.read_text()
-    assert "| 1 | fp32 | samoe |" in report and "| 1 | fp32 | moe |" in report
+    assert "| 1x1 | fp32 | samoe |" in report and "| 1x1 | fp32 | gmoe |" in report
+    assert "SaMoE against the peers of its token policy" in report
     assert "Headline: SaMoE / megatron MoE" in report and "Step breakdown" in report
     rerendered = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(out)],
                                 capture_output=True, text=True, cwd=REPO, timeout=60)
     assert rerendered.returncode == 0, rerendered.stderr[-3000:]
     assert rerendered.stdout == report
+
+
+def grouped_vs_megatron(groups) -> dict:
+    """One forward/backward of the same-kernel peer and of megatron's MoE from the same seed."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from grouped_moe_adapter import build_grouped_moe_model
+
+    from samoe_dist import cpu_compat
+    from samoe_dist.arguments import parse_args
+    from samoe_dist.model import build_model
+
+    cfg, _ = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+                         "--vocab-size", "64", "--num-experts", "4", "--moe-router-topk", "2", "--swiglu",
+                         "--micro-batch-size", "2", "--ds_config", str(REPO / "examples" / "ds_config_cpu.json")])
+    cpu_compat.seed_model_parallel(1)
+    models = []
+    for build in (build_model, build_grouped_moe_model):
+        torch.manual_seed(0)
+        models.append(build(cfg, groups))
+    gen = torch.Generator().manual_seed(1)
+    tokens, labels = (torch.randint(0, 64, (2, 16), generator=gen) for _ in range(2))
+    losses = []
+    for m in models:
+        loss, _ = m(tokens, labels, torch.ones(2, 16))
+        loss.backward()
+        losses.append(float(loss))
+    megatron, grouped = models
+    out = {"losses": losses, "grad_diff": 0.0, "weight_diff": 0.0}
+    for a, b in zip(megatron.moe_layers, grouped.moe_layers):
+        for e, expert in enumerate(a.experts.local_experts):
+            fc1, fc1_g = expert.linear_fc1.weight, expert.linear_fc1.weight.grad  # [2f, h]: w1 then w3
+            f = fc1.shape[0] // 2
+            pairs = [(fc1[:f].t(), b.experts.w1[e]), (fc1[f:].t(), b.experts.w3[e]),
+                     (expert.linear_fc2.weight.t(), b.experts.w2[e])]
+            grads = [(fc1_g[:f].t(), b.experts.w1.grad[e]), (fc1_g[f:].t(), b.experts.w3.grad[e]),
+                     (expert.linear_fc2.weight.grad.t(), b.experts.w2.grad[e])]
+            out["weight_diff"] = max([out["weight_diff"]] + [float((x - y).abs().max()) for x, y in pairs])
+            out["grad_diff"] = max([out["grad_diff"]] + [float((x - y).abs().max() / y.abs().max()) for x, y in grads])
+    return out
+
+
+def test_same_kernel_peer_is_megatrons_moe(tmp_path):
+    """bench/grouped_moe_adapter.py: megatron's MoE with its experts on SaMoE's grouped-GEMM code
+    starts from the same weights, gives the same loss (1e-6 relative) and the same expert gradients
+    (1e-5 of each tensor's largest element: fp32 sums of ~100 terms ordered differently by a grouped
+    GEMM and a per-expert loop)."""
+    from tests.distributed.harness import run_fn
+
+    (res,) = run_fn(1, 1, grouped_vs_megatron, (), tmp_path / "out")
+    assert res["weight_diff"] == 0.0
+    assert abs(res["losses"][0] - res["losses"][1]) <= 1e-6 * abs(res["losses"][0])
+    assert res["grad_diff"] <= 1e-5

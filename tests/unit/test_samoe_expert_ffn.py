@@ -146,3 +146,30 @@ def test_bad_counts_are_rejected():
         materialized_expert_ffn(x, probs, (2, 2), A, w1, w2, None, F.gelu)
     with pytest.raises(ValueError, match="local experts"):
         materialized_expert_ffn(x, probs, (5,), A, w1, w2, None, F.gelu)
+
+
+def test_bf16_row_padding_changes_no_result_beyond_one_rounding(monkeypatch):
+    """On the CPU, bf16 grouped GEMMs pad each group's rows to a multiple of PAD_ROWS (zero rows):
+    each output element is still one fp32-accumulated dot product rounded once to bf16, so padded
+    and unpadded results differ by at most one bf16 rounding (2^-8 relative) of an fp32 sum that may
+    be accumulated in another order (relative 1e-6 of the sum of |terms|)."""
+    if not grouped_gemm._use_grouped(torch.empty(1, dtype=torch.bfloat16), 32, 48):
+        pytest.fail("torch's grouped GEMM is not available for bf16 on this CPU (torch 2.13 has it)")
+    gen = torch.Generator().manual_seed(0)
+    counts = (5, 0, 37, 32, 3)
+    x = torch.randn(sum(counts), 32, generator=gen).bfloat16()
+    w = torch.randn(len(counts), 32, 48, generator=gen).bfloat16()
+    dy = torch.randn(sum(counts), 48, generator=gen).bfloat16()
+    padded = (grouped_gemm.grouped_matmul(x, w, counts), grouped_gemm.grouped_weight_grad(x, dy, counts))
+    assert grouped_gemm._padding(x, counts) is not None  # this call was padded
+    monkeypatch.setattr(grouped_gemm, "PAD_ROWS", {})
+    plain = (grouped_gemm.grouped_matmul(x, w, counts), grouped_gemm.grouped_weight_grad(x, dy, counts))
+    exact = (grouped_gemm._loop_matmul(x.float(), w.float(), counts),
+             grouped_gemm._loop_weight_grad(x.float(), dy.float(), counts))
+    magnitude = (grouped_gemm._loop_matmul(x.float().abs(), w.float().abs(), counts),
+                 grouped_gemm._loop_weight_grad(x.float().abs(), dy.float().abs(), counts))
+    for got, want, ref, mag in zip(padded, plain, exact, magnitude):
+        assert got.shape == want.shape
+        bound = 2.0 ** -8 * ref.abs() + 1e-6 * mag
+        assert bool(((got.float() - want.float()).abs() <= 2 * bound).all())  # each within one rounding of exact
+        assert bool(((got.float() - ref).abs() <= bound).all())
