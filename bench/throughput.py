@@ -13,12 +13,12 @@ pool of P; the dense model's FFN is k*f wide (its FLOPs per token are the MoEs' 
 - ``samoe``: megatron's MoELayer with SaMoE experts (``samoe_dist.samoe``), pool replicated, dropless
 - ``samoe-sharded``: the same with the pool's columns sharded over the expert-data-parallel group
   (``--samoe-pool-sharding sharded``); identical to ``samoe`` where that group has one rank
-- ``gmoe-cf``, ``samoe-cf``: ``gmoe`` and ``samoe`` with megatron's capacity factor
+- ``gmoe-cf``, ``samoe-cf``, ``samoe-sharded-cf``: ``gmoe``, ``samoe`` and ``samoe-sharded`` with megatron's capacity factor
   ``--capacity-factor`` (tokens over capacity dropped, not padded): DeepSpeed MoE's token policy
 - ``dense``: megatron's MLP, f_dense = k*f
 
 Token policies: ``moe``, ``gmoe``, ``samoe``, ``samoe-sharded`` are dropless; ``dsmoe``, ``gmoe-cf``,
-``samoe-cf`` are capacity-bounded. Ratios are reported within a policy (``policy_ratio`` records: each
+``samoe-cf``, ``samoe-sharded-cf`` are capacity-bounded. Ratios are reported within a policy (``policy_ratio`` records: each
 SaMoE over each peer of its policy, and over the fastest of them in the run).
 
 Method: for each layout EP x EDP (``--layouts``, world = EP x EDP gloo processes, each with
@@ -84,9 +84,9 @@ from throughput_report import load_run, markdown
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "bench", "throughput_worker.py")
-SYSTEMS = ("dense", "moe", "gmoe", "dsmoe", "samoe", "samoe-sharded", "gmoe-cf", "samoe-cf")
+SYSTEMS = ("dense", "moe", "gmoe", "dsmoe", "samoe", "samoe-sharded", "gmoe-cf", "samoe-cf", "samoe-sharded-cf")
 DROPLESS = ("moe", "gmoe", "samoe", "samoe-sharded")
-CAPACITY = ("dsmoe", "gmoe-cf", "samoe-cf")
+CAPACITY = ("dsmoe", "gmoe-cf", "samoe-cf", "samoe-sharded-cf")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 # shape and schedule: default mode (~10-15 min on 2 cores) and --quick (< 3 min)
 PRESETS = {
@@ -176,9 +176,9 @@ def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
                  "--moe-router-topk", a.moe_router_topk, "--expert-model-parallel-size", ep]
     if system.startswith("samoe"):
         argv += ["--samoe-pool-size", a.samoe_pool_size]
-    if system == "samoe-sharded":
+    if system.startswith("samoe-sharded"):
         argv += ["--samoe-pool-sharding", "sharded"]
-    if system in ("gmoe-cf", "samoe-cf"):
+    if system in CAPACITY and system != "dsmoe":
         argv += ["--moe-expert-capacity-factor", a.capacity_factor]
     if dtype == "bf16":
         argv.append("--bf16")
@@ -352,7 +352,7 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
                "params": ready[name][0].get("param_counts"), "losses_last_warmup": ready[name][0].get("losses"),
                "memory": {"rss_import_bytes": max(r["rss_import_bytes"] for r in ready[name])}}
         if w.system.startswith("samoe"):
-            shards = edp if w.system == "samoe-sharded" else 1
+            shards = edp if w.system.startswith("samoe-sharded") else 1
             rec["materialise_flops_fraction"] = materialise_flops_per_step(a, ep, shards) / (fpt * tokens / w.size)
             rec["grouped_mm"] = ready[name][0].get("grouped_mm")
         if name in profiles:
