@@ -80,7 +80,14 @@ def expert_grad_sq_norms(moe_layers: list, num_experts: int, expert_offset: int,
     every rank calls it at the same step."""
     out = torch.zeros(len(moe_layers), num_experts, dtype=torch.float64, device=device)
     for i, layer in enumerate(moe_layers):
-        for j, expert in enumerate(layer.experts.local_experts):
+        experts = layer.experts
+        if not hasattr(experts, "local_experts"):  # experts stacked as [n, ...] tensors (one row each)
+            n = experts.num_local_experts
+            sq = _sq_norm_rows([_full_grad(p) for p in experts.parameters()], n)
+            if sq is not None:
+                out[i, expert_offset:expert_offset + n] = sq.to(device)
+            continue
+        for j, expert in enumerate(experts.local_experts):
             sq = _sq_norm_rows([_full_grad(p) for p in expert.parameters()], 1)
             if sq is not None:
                 out[i, expert_offset + j] = sq.to(device)[0]

@@ -112,7 +112,11 @@ def grouped_vs_megatron(groups) -> dict:
         loss.backward()
         losses.append(float(loss))
     megatron, grouped = models
-    out = {"losses": losses, "grad_diff": 0.0, "weight_diff": 0.0}
+    from samoe_dist.gradient_flow import expert_grad_sq_norms
+
+    norms = [expert_grad_sq_norms(m.moe_layers, 4, 0, torch.device("cpu")) for m in models]
+    out = {"losses": losses, "grad_diff": 0.0, "weight_diff": 0.0,
+           "norm_diff": float(((norms[0] - norms[1]).abs() / norms[0]).max())}
     for a, b in zip(megatron.moe_layers, grouped.moe_layers):
         for e, expert in enumerate(a.experts.local_experts):
             fc1, fc1_g = expert.linear_fc1.weight, expert.linear_fc1.weight.grad  # [2f, h]: w1 then w3
@@ -137,3 +141,4 @@ def test_same_kernel_peer_is_megatrons_moe(tmp_path):
     assert res["weight_diff"] == 0.0
     assert abs(res["losses"][0] - res["losses"][1]) <= 1e-6 * abs(res["losses"][0])
     assert res["grad_diff"] <= 1e-5
+    assert res["norm_diff"] <= 1e-5  # the per-expert gradient norms the trainer logs, for stacked experts too
