@@ -1,22 +1,32 @@
 """Measured communication per training step against the analytic model (bench/scaling_model.py).
 
 Runs the real Trainer (DeepSpeed engine, ZeRO from the ds_config, megatron's alltoall dispatcher)
-in ``--world`` gloo processes with ``--ep`` expert parallelism, for the standard MoE and for SaMoE
-at the same small shape, on synthetic tokens. Every torch.distributed collective is wrapped (from
-outside the package, before the engine is built) to count, per rank and per step, the bytes each
-call moves, and which process group it ran on:
+in ``--world`` gloo processes with ``--ep`` expert parallelism, for the standard MoE, SaMoE with a
+replicated pool and SaMoE with a sharded pool (``--samoe-pool-sharding sharded``) at the same small
+shape, on synthetic tokens. Every torch.distributed collective is wrapped (from outside the
+package, before the engine is built) to count, per rank and per step, the bytes each call moves,
+and which process group it ran on:
 
 - all_to_all_single: the bytes this rank sends to OTHER ranks (from the split sizes);
-- all_reduce: 2(n-1)/n x payload (ring); reduce / reduce_scatter: (n-1)/n x input; all_gather:
-  (n-1)/n x output; broadcast: (n-1)/n x payload (what a ring or tree moves per rank, as the
-  analytic model counts it).
+- all_reduce: 2(n-1)/n x payload (ring); reduce / reduce_scatter (list, ``_tensor``, ``_base`` or
+  ``_single``): (n-1)/n x input; all_gather (all four forms): (n-1)/n x output; broadcast:
+  (n-1)/n x payload (what a ring or tree moves per rank, as the analytic model counts it).
 
 The model's numbers for the same shape (``scaling_model.per_gpu`` with fp32 activations and
-gradients, as on CPU) are printed beside them. The model counts expert parameters only; the
-comparison is of the sums over the gradient-and-parameter path of each group: the expert-data-parallel group's for the standard MoE's experts, the
-data-parallel (whole world) group's for SaMoE's pool, minus the dense parameters' share.
+weights, as on CPU, and the run's micro-batches per step) are printed beside them. The model counts
+expert parameters only; the comparison is of the sums over each group's collectives:
 
-    .venv/bin/python bench/comm_volume.py [--world 4 --ep 2] [--output bench/results/comm_volume.json]
+- standard MoE: the gradient-and-parameter sync over the expert-data-parallel group;
+- replicated SaMoE: the pool's and the combination's share of the world group's sync;
+- sharded SaMoE: the all-gathers and the reduce-scatters over the expert-data-parallel group (the
+  pool's only traffic there), the sync over the expert-parallel group (the pool slice, by
+  DeepSpeed) and the combination's share of the world group's sync.
+
+A part's share of the world group's bytes is the bytes times its parameters over all the
+replicated parameters (ZeRO moves the same bytes per parameter for all of them).
+
+    .venv/bin/python bench/comm_volume.py [--world 4 --ep 2] [--grad-accum 1] [--systems moe,samoe,samoe_sharded]
+        [--output bench/results/comm_volume.json]
 """
 
 from __future__ import annotations
@@ -33,8 +43,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-OPS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_gather",
-       "all_gather_into_tensor", "_all_gather_base", "all_to_all_single", "broadcast")
+# Every collective that may carry bytes. torch >= 2.13 names the flat all-gather / reduce-scatter
+# ``all_gather_single`` / ``reduce_scatter_single`` (the sharded pool calls those where they exist,
+# DeepSpeed the ``*_tensor`` ones); all are wrapped, and a call made from inside another wrapped
+# collective is not counted again.
+OPS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter_single",
+       "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_single", "all_to_all_single", "broadcast")
+ALL_GATHERS = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_single")
+REDUCE_SCATTERS = ("reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter_single")
+SYSTEMS = ("moe", "samoe", "samoe_sharded")
 
 
 def parse_args(argv=None):
@@ -50,8 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--pool", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=64)
     p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (global batch = "
+                   "micro-batch x world x this)")
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     p.add_argument("--ds-config", default=str(REPO / "examples" / "ds_config_cpu.json"))
     p.add_argument("--output", help="write the JSON result here")
     return p.parse_args(argv)
@@ -62,62 +82,64 @@ def _nbytes(t) -> int:
 
 
 class Counter:
-    """Wraps torch.distributed's collectives; counts bytes per (op, group size) while ``on``."""
+    """Wraps torch.distributed's collectives; counts bytes per (op, group) while ``on``."""
 
     def __init__(self):
+        import inspect
+
         import torch.distributed as dist
 
         self.dist = dist
         self.on = False
+        self.depth = 0  # > 0 inside a wrapped collective: a nested one is the same transfer
         self.records: dict[str, dict] = {}
         self.originals = {}
+        self.signatures = {}
         for op in OPS:
             if hasattr(dist, op):
                 self.originals[op] = getattr(dist, op)
+                self.signatures[op] = inspect.signature(self.originals[op])
                 setattr(dist, op, self._wrap(op, self.originals[op]))
 
     def _wrap(self, op, fn):
         def wrapped(*args, **kwargs):
-            if self.on:
-                self._count(op, args, kwargs)
-            return fn(*args, **kwargs)
+            if self.on and self.depth == 0:
+                self._count(op, self.signatures[op].bind(*args, **kwargs).arguments)
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
         wrapped.__wrapped__ = fn
         return wrapped
 
-    def _count(self, op, args, kwargs) -> None:
+    def _count(self, op, a: dict) -> None:
+        """``a``: the call's arguments by name (torch's signatures, see OPS)."""
         dist = self.dist
-        group = kwargs.get("group")
+        group = a.get("group")
         n = dist.get_world_size(group=group)
         ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(n))
-        moved = payload = 0
         if op == "all_to_all_single":
-            out, inp = (list(args) + [None, None])[:2]
-            out = kwargs.get("output", out)
-            inp = kwargs.get("input", inp)
-            splits = kwargs.get("input_split_sizes", args[3] if len(args) > 3 else None)
+            inp = a["input"]
+            splits = a.get("input_split_sizes")
             row = _nbytes(inp) // max(inp.shape[0], 1) if inp.dim() else inp.element_size()
             me = dist.get_rank(group=group)
             if splits is None:
-                per = inp.shape[0] // n
-                moved = (n - 1) * per * row
+                moved = (n - 1) * (inp.shape[0] // n) * row
             else:
-                splits = [int(s) for s in splits]
-                moved = sum(s for j, s in enumerate(splits) if j != me) * row
+                moved = sum(int(s) for j, s in enumerate(splits) if j != me) * row
             payload = _nbytes(inp)
         else:
-            tensor = kwargs.get("tensor", kwargs.get("input", kwargs.get("output_tensor", args[0] if args else None)))
-            if op in ("reduce_scatter_tensor", "_reduce_scatter_base"):
-                tensor = kwargs.get("input", args[1] if len(args) > 1 else None)
-            if op in ("all_gather_into_tensor", "_all_gather_base"):
-                tensor = kwargs.get("output_tensor", args[0] if args else None)
-            if op == "reduce_scatter":
-                lst = kwargs.get("input_list", args[1] if len(args) > 1 else [])
-                payload = sum(_nbytes(t) for t in lst)
-            elif op == "all_gather":
-                lst = kwargs.get("tensor_list", args[0] if args else [])
-                payload = sum(_nbytes(t) for t in lst)
-            else:
-                payload = _nbytes(tensor)
+            if op == "all_gather":
+                payload = sum(_nbytes(t) for t in a["tensor_list"])  # the gathered output
+            elif op == "reduce_scatter":
+                payload = sum(_nbytes(t) for t in a["input_list"])  # the input
+            elif op in ALL_GATHERS:
+                payload = _nbytes(a["output_tensor"])
+            elif op in REDUCE_SCATTERS:
+                payload = _nbytes(a["input"])
+            else:  # all_reduce, reduce, broadcast
+                payload = _nbytes(a["tensor"])
             factor = 2.0 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
             moved = factor * payload
         key = f"{op} over ranks {list(ranks)}"
@@ -178,10 +200,12 @@ def run_world(a, system: str, out_dir: str) -> list[dict]:
             "--ffn-hidden-size", a.ffn_hidden_size, "--num-experts", a.num_experts, "--moe-router-topk", a.topk,
             "--moe-layer-freq", a.moe_layer_freq, "--expert-model-parallel-size", a.ep,
             "--seq-length", a.seq_length, "--micro-batch-size", a.micro_batch_size,
-            "--global-batch-size", a.micro_batch_size * a.world, "--train-iters", 1000,
+            "--global-batch-size", a.micro_batch_size * a.world * a.grad_accum, "--train-iters", 1000,
             "--vocab-size", a.vocab_size, "--ds_config", a.ds_config]
-    if system == "samoe":
+    if system in ("samoe", "samoe_sharded"):
         argv += ["--samoe-pool-size", a.pool]
+    if system == "samoe_sharded":
+        argv += ["--samoe-pool-sharding", "sharded"]
     argv = [str(x) for x in argv]
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -203,80 +227,139 @@ def run_world(a, system: str, out_dir: str) -> list[dict]:
     return results
 
 
-def summarise(a, results: list[dict]) -> dict:
-    """Rank 0's bytes per step by collective and group kind (world / EP group / expert-DP group)."""
-    r0 = results[0]
+def _group_kind(a, ranks: list) -> str:
     world = list(range(a.world))
     ep_groups = [list(range(g * a.ep, (g + 1) * a.ep)) for g in range(a.world // a.ep)]
-    kinds = {}
+    edp_groups = [list(range(e, a.world, a.ep)) for e in range(a.ep)]
+    if ranks == world:
+        return "world (data parallel)"
+    if ranks in ep_groups:
+        return "expert-parallel group"
+    if ranks in edp_groups:
+        return "expert-data-parallel group"
+    return f"ranks {ranks}"
+
+
+def _family(op: str) -> str:
+    if op == "all_to_all_single":
+        return "all-to-all"
+    if op in ALL_GATHERS:
+        return "all-gather"
+    if op in REDUCE_SCATTERS:
+        return "reduce-scatter"
+    return op.replace("_", "-")
+
+
+def summarise(a, results: list[dict]) -> dict:
+    """Rank 0's bytes per step, by path and group kind (world / EP group / expert-DP group), and by
+    collective family and group kind."""
+    r0 = results[0]
+    kinds, by_op = {}, {}
     for rec in r0["records"].values():
-        ranks = rec["ranks"]
-        if ranks == world:
-            kind = "world (data parallel)"
-        elif ranks in ep_groups:
-            kind = "expert-parallel group"
-        elif len(ranks) == a.world // a.ep:
-            kind = "expert-data-parallel group"
-        else:
-            kind = f"ranks {ranks}"
-        if rec["op"] == "all_to_all_single":
-            path = "all-to-all"
-        elif rec["op"] in ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
-                           "all_gather", "all_gather_into_tensor", "_all_gather_base"):
-            path = "gradient / parameter sync"
-        else:
-            path = rec["op"]
-        k = f"{path} over {kind}"
-        agg = kinds.setdefault(k, {"calls": 0, "moved_bytes": 0.0, "ops": set()})
-        agg["calls"] += rec["calls"] / r0["steps"]
-        agg["moved_bytes"] += rec["moved_bytes"] / r0["steps"]
-        agg["ops"].add(rec["op"])
-    for agg in kinds.values():
-        agg["ops"] = sorted(agg["ops"])
-    return {"per_step_rank0": kinds, "params_rank0": r0["params"]}
+        kind = _group_kind(a, rec["ranks"])
+        fam = _family(rec["op"])
+        path = {"all-to-all": "all-to-all", "all-gather": "gradient / parameter sync",
+                "reduce-scatter": "gradient / parameter sync", "all-reduce": "gradient / parameter sync",
+                "reduce": "gradient / parameter sync"}.get(fam, rec["op"])
+        for table, k in ((kinds, f"{path} over {kind}"), (by_op, f"{fam} over {kind}")):
+            agg = table.setdefault(k, {"calls": 0, "moved_bytes": 0.0, "ops": set()})
+            agg["calls"] += rec["calls"] / r0["steps"]
+            agg["moved_bytes"] += rec["moved_bytes"] / r0["steps"]
+            agg["ops"].add(rec["op"])
+    for table in (kinds, by_op):
+        for agg in table.values():
+            agg["ops"] = sorted(agg["ops"])
+    return {"per_step_rank0": kinds, "per_step_rank0_by_op": by_op, "params_rank0": r0["params"]}
+
+
+def model_shape(a):
+    from scaling_model import Shape
+
+    return Shape("small", layers=a.num_layers, hidden=a.hidden_size, ffn=a.ffn_hidden_size, experts=a.num_experts,
+                 moe_every=a.moe_layer_freq, topk=a.topk, seq=a.seq_length,
+                 global_batch=a.micro_batch_size * a.world * a.grad_accum, pool=a.pool, ep=a.ep,
+                 micro_batch=a.micro_batch_size)
 
 
 def model_numbers(a) -> dict:
-    from scaling_model import Shape, per_gpu
+    from scaling_model import per_gpu
 
-    shape = Shape("small", layers=a.num_layers, hidden=a.hidden_size, ffn=a.ffn_hidden_size, experts=a.num_experts,
-                  moe_every=a.moe_layer_freq, topk=a.topk, seq=a.seq_length,
-                  global_batch=a.micro_batch_size * a.world, pool=a.pool, ep=a.ep)
-    return per_gpu(shape, a.world, act_bytes=4, weight_bytes=4)
+    return per_gpu(model_shape(a), a.world, act_bytes=4, weight_bytes=4)
+
+
+def measured(sys_out: dict, prefix: str, table: str = "per_step_rank0") -> float:
+    """Bytes per step of rank 0 summed over the entries of ``table`` whose name starts with ``prefix``."""
+    return sum(v["moved_bytes"] for k, v in sys_out[table].items() if k.startswith(prefix))
+
+
+def world_share(sys_out: dict, part: str) -> float:
+    """The share of the world group's sync that moves the ``part`` parameters (pool, combination).
+
+    The world group's sync moves the replicated parameters: the dense ones (every model) plus, for
+    SaMoE, the combination logits and (replicated pool) the pool. ZeRO moves the same bytes per
+    parameter for all of them, so a part's share is the world bytes times its parameters over the
+    replicated parameters."""
+    p = sys_out["params_rank0"]
+    parts = sum(p[k] for k in part.split("+"))
+    return measured(sys_out, "gradient / parameter sync over world") * parts / p["replicated"]
+
+
+def compare(out: dict, model: dict) -> dict:
+    """{quantity: {"model": bytes, "measured[_system]": bytes}} for the systems in ``out``."""
+    GB = 1e9
+    c = {}
+    a2a = {"model": model["all_to_all_GB_per_gpu"] * GB}
+    for system in SYSTEMS:
+        if system in out:
+            a2a[f"measured_{system}"] = measured(out[system], "all-to-all over expert-parallel")
+    c["all_to_all_bytes_per_gpu"] = a2a
+    if "moe" in out:
+        c["expert_grad_sync_bytes_per_gpu_moe"] = {
+            "model": model["expert_sync_GB_per_gpu_moe"] * GB,
+            "measured": measured(out["moe"], "gradient / parameter sync over expert-data-parallel")}
+    if "samoe" in out:
+        c["expert_grad_sync_bytes_per_gpu_samoe"] = {
+            "model": model["expert_sync_GB_per_gpu_samoe"] * GB,
+            "measured": world_share(out["samoe"], "pool+combination")}
+    if "samoe_sharded" in out:
+        sh = out["samoe_sharded"]
+        by_op = "per_step_rank0_by_op"
+        parts = {
+            "samoe_sharded_weight_all_gather_bytes_per_gpu (EDP group)": (
+                model["expert_gather_GB_per_gpu_samoe_sharded"], measured(sh, "all-gather over expert-data-parallel", by_op)),
+            "samoe_sharded_dW_reduce_scatter_bytes_per_gpu (EDP group)": (
+                model["samoe_sharded_reduce_scatter_GB_per_gpu"],
+                measured(sh, "reduce-scatter over expert-data-parallel", by_op)),
+            "samoe_sharded_pool_sync_bytes_per_gpu (EP group)": (
+                model["samoe_sharded_pool_ep_sync_GB_per_gpu"],
+                measured(sh, "all-reduce over expert-parallel", by_op) + measured(sh, "all-gather over expert-parallel", by_op)),
+            "samoe_sharded_combination_sync_bytes_per_gpu (world share)": (
+                model["samoe_sharded_combination_world_sync_GB_per_gpu"], world_share(sh, "combination")),
+        }
+        for name, (m, meas) in parts.items():
+            c[name] = {"model": m * GB, "measured": meas}
+        c["expert_grad_sync_bytes_per_gpu_samoe_sharded"] = {
+            "model": model["expert_sync_GB_per_gpu_samoe_sharded"] * GB,
+            "measured": sum(v["measured"] for k, v in c.items() if k.startswith("samoe_sharded_")
+                            and "all_gather" not in k)}
+    return c
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.world % a.ep:
         raise SystemExit(f"error: --world {a.world} is not a multiple of --ep {a.ep}")
+    systems = [x for x in a.systems.split(",") if x]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        raise SystemExit(f"error: unknown --systems {unknown}; choose from {', '.join(SYSTEMS)}")
     out = {"config": vars(a)}
     with tempfile.TemporaryDirectory() as tmp:
-        for system in ("moe", "samoe"):
+        for system in systems:
             out[system] = summarise(a, run_world(a, system, tmp))
     model = model_numbers(a)
     out["model"] = model
-    moe, samoe = out["moe"], out["samoe"]
-
-    def measured(sys_out, prefix):
-        return sum(v["moved_bytes"] for k, v in sys_out["per_step_rank0"].items() if k.startswith(prefix))
-
-    a2a_moe = measured(moe, "all-to-all over expert-parallel")
-    a2a_samoe = measured(samoe, "all-to-all over expert-parallel")
-    edp = "gradient / parameter sync over expert-data-parallel"
-    wrld = "gradient / parameter sync over world"
-    # The world group's sync moves the replicated parameters: dense ones (both models) plus, for
-    # SaMoE, the pool and the combination. Its per-parameter cost is the same for all of them, so
-    # the expert share is the world bytes times (pool + combination) / replicated parameters.
-    sp = samoe["params_rank0"]
-    samoe_expert_sync = measured(samoe, wrld) * (sp["pool"] + sp["combination"]) / sp["replicated"]
-    comparison = {
-        "all_to_all_bytes_per_gpu": {"model": model["all_to_all_GB_per_gpu"] * 1e9,
-                                     "measured_moe": a2a_moe, "measured_samoe": a2a_samoe},
-        "expert_grad_sync_bytes_per_gpu_moe": {"model": model["expert_sync_GB_per_gpu_moe"] * 1e9,
-                                               "measured": measured(moe, edp)},
-        "expert_grad_sync_bytes_per_gpu_samoe": {"model": model["expert_sync_GB_per_gpu_samoe"] * 1e9,
-                                                 "measured": samoe_expert_sync},
-    }
+    comparison = compare(out, model)
     out["comparison"] = comparison
     text = json.dumps(out, indent=1, default=str)
     print(text)
