@@ -32,15 +32,19 @@ from samoe_dist.params import count_parameters, format_counts
 logger = logging.getLogger("samoe")
 
 
-def _mean_over_world(values: dict[str, float], device: torch.device) -> dict[str, float]:
+def _mean_over_world(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
     """Average each value over all ranks (each rank contributes the mean of its micro-batches).
-    The tensor lives on ``device``, the engine's: NCCL rejects a CPU tensor."""
-    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(values)
+
+    ``values`` are 0-d tensors kept on the device through the step (no host sync per micro-batch);
+    they are stacked, all-reduced on ``device`` (the engine's: NCCL rejects a CPU tensor), and read
+    back with one host sync per step."""
+    if not values:
+        return {}
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
+    t = torch.stack([values[k].to(device=device, dtype=torch.float64) for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
 
 
@@ -95,7 +99,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over one global batch; returns world-averaged losses."""
         tr = self.cfg.training
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for micro_step in range(self.gas):
             batch = self._to_device(self.data.micro_batch(
                 "train", self.consumed_samples, tr.micro_batch_size, self.groups.dp_rank, self.dp, micro_step))
@@ -106,8 +110,9 @@ class Trainer:
                 if self._is_log_iteration(self.iteration + 1):
                     self._grad_flow = self._expert_grad_norms()
             self.engine.step()
-            for name, value in parts.items():
-                sums[_key(name)] = sums.get(_key(name), 0.0) + float(value) / self.gas
+            for name, value in parts.items():  # tensors: no host sync per micro-batch
+                part = value.detach().to(torch.float64) / self.gas
+                sums[_key(name)] = sums[_key(name)] + part if _key(name) in sums else part
         self.consumed_samples += tr.global_batch_size
         self.iteration += 1
         engine_norm = self.engine.get_global_grad_norm()
@@ -152,13 +157,13 @@ class Trainer:
         samples evaluated do not depend on the number of processes."""
         tr = self.cfg.training
         self.engine.eval()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for i in range(tr.eval_iters):
             for micro_step in range(self.gas):
                 batch = self._to_device(self.data.micro_batch(
                     split, i * tr.global_batch_size, tr.micro_batch_size, self.groups.dp_rank, self.dp, micro_step))
                 _, parts = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
-                total += float(parts["lm loss"])
+                total += parts["lm loss"].detach().to(torch.float64)
         self.engine.train()
         return _mean_over_world({"loss": total / (tr.eval_iters * self.gas)}, self.engine.device)["loss"]
 
