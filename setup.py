@@ -11,13 +11,13 @@ setup(
     name="samoe_dist",
     version="0.1.0",
     description="Distributed pretraining of parameter-efficient shared-pool MoE language models",
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.11,<3.13",  # megatron-core 0.16.1: >= 3.10; 0.17 needs 3.12
     packages=find_packages(include=["samoe_dist", "samoe_dist.*"]),
     # lm-eval task configs and the data loaders they name (a folder of files, not a package)
     package_data={"samoe_dist.evaluation": ["task_configs/*.yaml", "task_configs/*.py"]},
     py_modules=["pretrain_samoe"],
     install_requires=[
-        "torch>=2.6",  # exact build pinned by constraints*.txt (CPU build here, CUDA build on GPUs)
+        "torch>=2.11,<2.14",  # exact build pinned by constraints.txt on CPU; on GPUs the installed CUDA build (scripts/setup.sh SUPPORTED_TORCH)
         "deepspeed==0.19.8",
         "megatron-core==0.16.1",  # no extras: they pull TransformerEngine and CUDA wheels
         "sentencepiece==0.2.3",
