@@ -8,7 +8,9 @@ Layout of ``--save DIR``::
         model.safetensors         every weight once, experts under their GLOBAL index
         config.json               the RunConfig and the layout (world size, EP size) that wrote it
         client_state.json         iteration, consumed samples
-        rng_rank<R>.pt            each rank's torch RNG state (dropout, resume-exact)
+        rng_rank<R>.pt            each rank's RNG states: torch's CPU generator, the CUDA generator of
+                                  its device and megatron's model-parallel RNG tracker (dropout,
+                                  resume-exact on CPU and GPU), Python's and NumPy's
         optim_rank<R>.pt          sharded pool without ZeRO only: each rank's optimizer state (below)
 
 A crash or kill in the middle of a save leaves only a ``.partial`` directory: ``latest`` still names
@@ -117,6 +119,43 @@ def load_consolidated_state(model: torch.nn.Module, cfg: RunConfig, groups, stat
         p.copy_(state[name].to(device=p.device, dtype=p.dtype))
 
 
+def rng_state() -> dict:
+    """Every random state a training step draws from on this rank (see set_rng_state)."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    state = {"cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's generator
+    return state
+
+
+def set_rng_state(state) -> None:
+    """Restore rng_state(); a bare tensor (checkpoints written before the dict) is the CPU state."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            logger.warning("the checkpoint holds a CUDA RNG state and this run has no GPU: dropout will not "
+                           "continue the saved run's random stream exactly")
+    if state.get("tracker"):
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
 def _layout(trainer, world: int) -> dict:
     """What the optimizer state's partitioning depends on: world, EP size, pool shards (if sharded)."""
     layout = {"world_size": world, "ep_size": trainer.groups.ep_size}
@@ -206,7 +245,7 @@ def save(trainer, save_dir: str, keep: Optional[int] = None) -> str:
                                    client_state={"iteration": trainer.iteration,
                                                  "consumed_samples": trainer.consumed_samples})
     state = consolidated_state(trainer.model, trainer.cfg, trainer.groups)
-    torch.save(torch.get_rng_state(), os.path.join(partial_dir, f"rng_rank{rank}.pt"))
+    torch.save(rng_state(), os.path.join(partial_dir, f"rng_rank{rank}.pt"))
     if _per_rank_optimizer_state(trainer):
         torch.save(trainer.engine.optimizer.state_dict(), os.path.join(partial_dir, f"optim_rank{rank}.pt"))
     if rank == 0:
@@ -278,7 +317,7 @@ def load(trainer, load_dir: str) -> None:
         trainer.consumed_samples = int(client["consumed_samples"])
         rng = os.path.join(tag_dir, f"rng_rank{rank}.pt")
         if os.path.isfile(rng):
-            torch.set_rng_state(torch.load(rng))
+            set_rng_state(torch.load(rng, weights_only=False))
         if _per_rank_optimizer_state(trainer):
             _load_rank_optimizer_state(trainer, os.path.join(tag_dir, f"optim_rank{rank}.pt"))
     # DeepSpeed's module file holds one EP rank's experts only: the consolidated weights are the truth.

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3)}
 "$PYTHON" -c 'import sys; v = sys.version_info[:2]; assert v in ((3, 11), (3, 12)), f"samoe needs Python 3.11 or 3.12, found {sys.version.split()[0]}: set PYTHON=/path/to/python3.12"' \
-  || { echo "[setup] error: $PYTHON is not Python 3.11 or 3.12; set PYTHON=/path/to/python3.12 (or 3.11)" >&2; exit 1; }
+  || { echo "[setup] error: $PYTHON does not run as Python 3.11 or 3.12 (see above); set PYTHON=/path/to/python3.12 (or 3.11)" >&2; exit 1; }
 
 # GPU (SAMOE_GPU=1): the machine's CUDA build of torch is used, not replaced. The venv sees the
 # interpreter's packages (--system-site-packages), so a torch preinstalled in the image is found;
