@@ -60,6 +60,7 @@ class Trainer:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = validate_layout(cfg, world_size)  # fails before any process group exists
         user_ds = load_ds_config(ds_config_path)
+        checkpoint.check_save_dir(cfg)  # before any process group: another run's checkpoints stay untouched
         self.groups: ParallelGroups = init_distributed(cfg.parallel.expert_model_parallel_size)
         setup_logging(self.groups.rank)
         cpu_compat.seed_model_parallel(cfg.training.seed)
@@ -85,7 +86,10 @@ class Trainer:
         self._start_time = time.time()
         self._sigterm = SigtermFlag()
         self.metrics = MetricsWriter(self.groups.is_main, tr.metrics_file, tr.tensorboard_dir)
+        if tr.save:
+            checkpoint.check_shared_filesystem(tr.save, "--save")
         if tr.load:
+            checkpoint.check_shared_filesystem(tr.load, "--load", create=False)
             if tr.load == tr.save and not os.path.isfile(os.path.join(tr.load, "latest")):
                 # --save DIR --load DIR is the resume-or-start pattern of preemptible jobs
                 logger.info("no checkpoint in %s yet: starting from scratch", tr.load)
