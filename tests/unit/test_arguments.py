@@ -26,13 +26,13 @@ FROZEN_FLAGS = [
     "--moe-expert-capacity-factor", "--moe-ffn-hidden-size", "--moe-layer-freq", "--moe-router-pre-softmax",
     "--moe-router-topk", "--moe-token-dispatcher-type", "--moe-z-loss-coeff", "--no-moe-router-pre-softmax",
     "--normalization", "--num-attention-heads", "--num-experts", "--num-layers",
-    "--override-opt-param-scheduler", "--position-embedding-type", "--recompute-granularity",
-    "--samoe-combination", "--samoe-combination-lr-mult", "--samoe-init", "--samoe-init-noise",
-    "--samoe-init-peak", "--samoe-init-peak-mass", "--samoe-pool-sharding", "--samoe-pool-size",
-    "--samoe-route-to-pool", "--samoe-temperature", "--samoe-top-m", "--save", "--save-interval", "--seed",
-    "--seq-length", "--split", "--swiglu", "--tensorboard-dir", "--tokenizer-model", "--tokenizer-type",
-    "--train-iters", "--untie-embeddings-and-output-weights", "--use-checkpoint-opt-param-scheduler",
-    "--vocab-file", "--vocab-size", "--weight-decay",
+    "--override-opt-param-scheduler", "--overwrite-checkpoints", "--position-embedding-type",
+    "--recompute-granularity", "--samoe-combination", "--samoe-combination-lr-mult", "--samoe-init",
+    "--samoe-init-noise", "--samoe-init-peak", "--samoe-init-peak-mass", "--samoe-pool-sharding",
+    "--samoe-pool-size", "--samoe-route-to-pool", "--samoe-temperature", "--samoe-top-m", "--save",
+    "--save-interval", "--seed", "--seq-length", "--split", "--swiglu", "--tensorboard-dir",
+    "--tokenizer-model", "--tokenizer-type", "--train-iters", "--untie-embeddings-and-output-weights",
+    "--use-checkpoint-opt-param-scheduler", "--vocab-file", "--vocab-size", "--weight-decay",
 ]
 
 MEGATRON_FLAGS = (
