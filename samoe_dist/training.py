@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from samoe_dist import checkpoint, cpu_compat
+from samoe_dist import checkpoint, collective_check, cpu_compat
 from samoe_dist.config import RunConfig, gradient_accumulation_steps, validate_layout
 from samoe_dist.data_adapter import TrainingData, build_training_data
 from samoe_dist.ds_config import build_ds_config, load_ds_config
@@ -79,6 +79,7 @@ class Trainer:
             config=self.ds_config,
             lr_scheduler=lambda opt: make_scheduler(opt, tr),
         )
+        collective_check.install(self.engine.device)  # SAMOE_CHECK_COLLECTIVE_DEVICES=1 (the tests set it)
         self.iteration = 0
         self.consumed_samples = 0
         self.last_grad_norm = float("nan")
