@@ -8,7 +8,9 @@ Layout of ``--save DIR``::
         model.safetensors         every weight once, experts under their GLOBAL index
         config.json               the RunConfig and the layout (world size, EP size) that wrote it
         client_state.json         iteration, consumed samples
-        rng_rank<R>.pt            each rank's torch RNG state (dropout, resume-exact)
+        rng_rank<R>.pt            each rank's RNG states: torch's CPU generator, the CUDA generator of
+                                  its device and megatron's model-parallel RNG tracker (dropout,
+                                  resume-exact on CPU and GPU), Python's and NumPy's
         optim_rank<R>.pt          sharded pool without ZeRO only: each rank's optimizer state (below)
 
 A crash or kill in the middle of a save leaves only a ``.partial`` directory: ``latest`` still names
@@ -117,6 +119,238 @@ def load_consolidated_state(model: torch.nn.Module, cfg: RunConfig, groups, stat
         p.copy_(state[name].to(device=p.device, dtype=p.dtype))
 
 
+# Flags whose values live on in the restored optimizer and LR-scheduler state (Megatron's
+# --override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler choice).
+OPT_SCHEDULE_FIELDS = {
+    "training": ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "weight_decay",
+                 "adam_beta1", "adam_beta2", "adam_eps"),
+    "samoe": ("samoe_combination_lr_mult",),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def opt_schedule_diffs(saved: dict, cfg: RunConfig) -> list[tuple]:
+    """(group, field, checkpoint value, command-line value) of each optimizer/schedule flag that differs."""
+    now = cfg.to_dict()
+    out = []
+    for group, fields in OPT_SCHEDULE_FIELDS.items():
+        for name in fields:
+            a, b = saved.get(group, {}).get(name), now[group].get(name)
+            if a is not None and a != b:
+                out.append((group, name, a, b))
+    return out
+
+
+def _resolve_opt_schedule(trainer, diffs: list[tuple], source: str) -> None:
+    """Before loading: refuse a silent difference, or adopt the checkpoint's values (which the
+    restored optimizer and scheduler carry anyway) into the config the schedule reads."""
+    if not diffs:
+        return
+    tr = trainer.cfg.training
+    listing = "; ".join(f"{_flag(name)} checkpoint {a}, now {b}" for _, name, a, b in diffs)
+    if tr.use_checkpoint_opt_param_scheduler:
+        for group, name, a, _ in diffs:
+            setattr(getattr(trainer.cfg, group), name, a)
+        logger.info("--use-checkpoint-opt-param-scheduler: keeping the checkpoint's %s", listing)
+    elif tr.override_opt_param_scheduler:
+        logger.info("--override-opt-param-scheduler: applying %s", listing)
+    else:
+        raise ConfigError(f"--load {source}: the optimizer and schedule state in the checkpoint would override "
+                          f"{listing}; pass --override-opt-param-scheduler to apply the new values or "
+                          f"--use-checkpoint-opt-param-scheduler to keep the checkpoint's")
+
+
+def _apply_opt_schedule(trainer) -> None:
+    """After loading: the command line's values into every optimizer group and the LR scheduler."""
+    from samoe_dist.optim import lr_at
+
+    cfg, tr = trainer.cfg, trainer.cfg.training
+    sched = trainer.engine.lr_scheduler
+    for i, g in enumerate(trainer.engine.optimizer.param_groups):
+        mult = cfg.samoe.samoe_combination_lr_mult if str(g.get("name", "")).startswith("combination") else 1.0
+        base = tr.lr * mult
+        if g.get("weight_decay", 0.0) > 0.0 or str(g.get("name", "")).startswith("decay"):
+            g["weight_decay"] = tr.weight_decay
+        g["betas"] = (tr.adam_beta1, tr.adam_beta2)
+        g["eps"] = tr.adam_eps
+        g["initial_lr"] = base
+        if sched is not None:
+            sched.base_lrs[i] = base
+        g["lr"] = base * lr_at(max(trainer.iteration - 1, 0) if sched is None else sched.last_epoch, tr) / tr.lr
+
+
+def data_fingerprint(cfg: RunConfig) -> dict:
+    """What the data stream of a run depends on: data prefixes (with the sizes of their files), split,
+    seed, sequence length, and a hash of the tokenizer files."""
+    import hashlib
+
+    d = cfg.data
+    files = {}
+    for item in d.data_path or []:
+        try:
+            float(item)
+            continue  # a blend weight
+        except (TypeError, ValueError):
+            pass
+        paths = [item + ext for ext in (".bin", ".idx") if os.path.isfile(item + ext)] or [item]
+        files[item] = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+    tok = hashlib.sha256()
+    for path in (d.tokenizer_model, d.vocab_file, d.merge_file):
+        if path and os.path.isfile(path):
+            with open(path, "rb") as f:
+                tok.update(f.read())
+    return {"data_path": list(d.data_path or []), "file_bytes": files, "split": d.split, "seed": cfg.training.seed,
+            "seq_length": cfg.model.seq_length, "tokenizer_sha256": tok.hexdigest()}
+
+
+def _check_data(saved: dict, cfg: RunConfig, source: str) -> None:
+    want = saved.get("data_fingerprint")
+    if want is None:
+        return  # written before fingerprints existed
+    now = data_fingerprint(cfg)
+    diffs = [k for k in sorted(set(want) | set(now)) if want.get(k) != now.get(k)]
+    if not diffs:
+        return
+    listing = "; ".join(f"{k}: checkpoint {want.get(k)}, now {now.get(k)}" for k in diffs)
+    if cfg.training.allow_data_change:
+        logger.warning("--allow-data-change: continuing on different data (%s)", listing)
+        return
+    raise ConfigError(f"--load {source}: the data differs from the checkpoint's ({listing}); resuming would "
+                      f"continue another data stream. Use the checkpoint's data, or pass --allow-data-change")
+
+
+def rng_state() -> dict:
+    """Every random state a training step draws from on this rank (see set_rng_state)."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    state = {"cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's generator
+    return state
+
+
+def set_rng_state(state) -> None:
+    """Restore rng_state(); a bare tensor (checkpoints written before the dict) is the CPU state."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            logger.warning("the checkpoint holds a CUDA RNG state and this run has no GPU: dropout will not "
+                           "continue the saved run's random stream exactly")
+    if state.get("tracker"):
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def check_save_dir(cfg: RunConfig) -> None:
+    """Refuse to let --save overwrite another run's checkpoints: a directory with a 'latest' that this
+    run does not resume from (--load of the same directory) needs --overwrite-checkpoints."""
+    tr = cfg.training
+    if not tr.save or tr.overwrite_checkpoints:
+        return
+    latest = os.path.join(tr.save, "latest")
+    if not os.path.isfile(latest):
+        return
+    if tr.load and os.path.realpath(tr.load) == os.path.realpath(tr.save):
+        return  # resuming it: the new checkpoints continue the same run
+    with open(latest) as f:
+        tag = f.read().strip()
+    what = tag
+    try:
+        saved = read_config(os.path.join(tr.save, tag))
+        kind = "samoe" if saved.get("samoe", {}).get("samoe_pool_size") else (
+            "moe" if saved.get("moe", {}).get("num_experts") else "dense")
+        what = f"{tag}, a {kind} model with hidden size {saved.get('model', {}).get('hidden_size')}"
+    except (OSError, ValueError):
+        pass
+    raise ConfigError(f"--save {tr.save} holds another run's checkpoints (latest {what}) and this run does not "
+                      f"resume from it: resume with --load {tr.save}, choose another --save, or pass "
+                      f"--overwrite-checkpoints to replace them")
+
+
+def check_shared_filesystem(path: str, what: str, create: bool = True) -> None:
+    """All ranks must see the files rank 0 writes under ``path`` (checkpoints, data caches): rank 0
+    writes a token file, every rank looks for it, and all fail together, naming the ranks that did not
+    see it. A collective; a no-op on one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    import socket
+    import uuid
+
+    rank, world = _world()
+    usable = create or os.path.isdir(path)  # rank 0's view decides for all (a missing --load fails later)
+    token = [f".samoe_fs_check_{uuid.uuid4().hex}" if rank == 0 and usable else None]
+    dist.broadcast_object_list(token, src=0)
+    if token[0] is None:
+        return
+    probe = os.path.join(path, token[0])
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write(socket.gethostname())
+            f.flush()
+            os.fsync(f.fileno())
+    _barrier()
+    seen = [os.path.isfile(probe)]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, (seen[0], socket.gethostname()))
+    _barrier()
+    if rank == 0:
+        os.remove(probe)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(everyone) if not ok]
+    if blind:
+        raise ConfigError(f"{what} {path} is not on a filesystem every node shares: {', '.join(blind)} cannot see "
+                          f"a file rank 0 wrote there. Put it on a shared filesystem (NFS, Lustre, ...) mounted at "
+                          f"the same path on every node")
+
+
+def expected_files(trainer, load_dir: str, tag_dir: str, world: int) -> list[str]:
+    """Every file a full checkpoint of this layout holds (any rank's loading reads from all of them:
+    DeepSpeed merges every ZeRO partition file), named as DeepSpeed's engine names them."""
+    engine, tag = trainer.engine, os.path.basename(tag_dir)
+    files = [os.path.join(tag_dir, name) for name in (WEIGHTS, CONFIG, CLIENT)]
+    files += [os.path.join(tag_dir, f"rng_rank{r}.pt") for r in range(world)]
+    files.append(engine._get_ckpt_name(load_dir, tag))  # the module and engine state
+    if engine.zero_optimization_stage() > 0:
+        files += [engine._get_rank_zero_ckpt_name(load_dir, tag, engine.checkpoint_mp_rank, r, engine.bfloat16_enabled())
+                  for r in range(world)]
+    elif engine.has_moe_layers:  # one optimizer file per expert-parallel rank of the largest EP group
+        from deepspeed.utils import groups as ds_groups
+
+        ep = ds_groups._get_expert_parallel_world_size(ds_groups._get_max_expert_size_name())
+        files += [engine._get_optimizer_ckpt_name(load_dir, tag, r) for r in range(ep)]
+    if _per_rank_optimizer_state(trainer):
+        files += [os.path.join(tag_dir, f"optim_rank{r}.pt") for r in range(world)]
+    return files
+
+
+def _check_complete(trainer, load_dir: str, tag_dir: str, world: int) -> None:
+    """Fail before DeepSpeed reads anything, on every rank alike, naming the missing files."""
+    missing = [f for f in expected_files(trainer, load_dir, tag_dir, world) if not os.path.isfile(f)]
+    if missing:
+        names = ", ".join(os.path.relpath(f, tag_dir) for f in missing)
+        raise FileNotFoundError(f"--load {load_dir}: checkpoint {tag_dir} is incomplete, {len(missing)} file(s) "
+                                f"missing: {names}. Restore them, or move 'latest' in {load_dir} to an earlier "
+                                f"complete checkpoint")
+
+
 def _layout(trainer, world: int) -> dict:
     """What the optimizer state's partitioning depends on: world, EP size, pool shards (if sharded)."""
     layout = {"world_size": world, "ep_size": trainer.groups.ep_size}
@@ -206,13 +440,14 @@ def save(trainer, save_dir: str, keep: Optional[int] = None) -> str:
                                    client_state={"iteration": trainer.iteration,
                                                  "consumed_samples": trainer.consumed_samples})
     state = consolidated_state(trainer.model, trainer.cfg, trainer.groups)
-    torch.save(torch.get_rng_state(), os.path.join(partial_dir, f"rng_rank{rank}.pt"))
+    torch.save(rng_state(), os.path.join(partial_dir, f"rng_rank{rank}.pt"))
     if _per_rank_optimizer_state(trainer):
         torch.save(trainer.engine.optimizer.state_dict(), os.path.join(partial_dir, f"optim_rank{rank}.pt"))
     if rank == 0:
         save_file(state, os.path.join(partial_dir, WEIGHTS), metadata={"format": "samoe"})
         _write_json(os.path.join(partial_dir, CONFIG),
-                    {**trainer.cfg.to_dict(), "layout": _layout(trainer, world)})
+                    {**trainer.cfg.to_dict(), "layout": _layout(trainer, world),
+                     "data_fingerprint": data_fingerprint(trainer.cfg)})
         _write_json(os.path.join(partial_dir, CLIENT),
                     {"iteration": trainer.iteration, "consumed_samples": trainer.consumed_samples})
     _barrier()
@@ -268,7 +503,13 @@ def load(trainer, load_dir: str) -> None:
             f"has {world}, {trainer.groups.ep_size} and {now.get('pool_shards', 1)}. Convert it: "
             f"python tools/convert_checkpoint.py reshard --load {load_dir} --save NEW_DIR (weights only, "
             f"fresh optimizer), then --load NEW_DIR")
+    continues = not weights_only or "iteration" in saved.get("converted_from", {})
+    if continues:  # the data stream (and, with optimizer state, the schedule) carries on
+        _check_data(saved, trainer.cfg, load_dir)
+    schedule_diffs = [] if weights_only else opt_schedule_diffs(saved, trainer.cfg)
+    _resolve_opt_schedule(trainer, schedule_diffs, load_dir)
     if not weights_only:
+        _check_complete(trainer, load_dir, tag_dir, world)
         path, _ = trainer.engine.load_checkpoint(load_dir, tag=os.path.basename(tag_dir))
         if path is None:
             raise FileNotFoundError(f"--load {load_dir}: DeepSpeed found no loadable state in {tag_dir}")
@@ -278,12 +519,14 @@ def load(trainer, load_dir: str) -> None:
         trainer.consumed_samples = int(client["consumed_samples"])
         rng = os.path.join(tag_dir, f"rng_rank{rank}.pt")
         if os.path.isfile(rng):
-            torch.set_rng_state(torch.load(rng))
+            set_rng_state(torch.load(rng, weights_only=False))
         if _per_rank_optimizer_state(trainer):
             _load_rank_optimizer_state(trainer, os.path.join(tag_dir, f"optim_rank{rank}.pt"))
     # DeepSpeed's module file holds one EP rank's experts only: the consolidated weights are the truth.
     load_consolidated_state(trainer.model, trainer.cfg, trainer.groups, load_file(os.path.join(tag_dir, WEIGHTS)),
                             os.path.join(tag_dir, WEIGHTS))
+    if schedule_diffs and trainer.cfg.training.override_opt_param_scheduler:
+        _apply_opt_schedule(trainer)
     if weights_only:
         _sync_optimizer_masters(trainer)
         source = saved.get("converted_from", {})

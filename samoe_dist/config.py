@@ -259,6 +259,19 @@ class TrainingConfig:
     exit_duration_in_mins: Optional[float] = doc("Save (when --save is set) and stop once the run has lasted this long.", default=None)
     recompute_granularity: Optional[str] = doc("'full': recompute each transformer layer in backward (non-reentrant activation checkpointing).", default=None)
     exit_interval: Optional[int] = doc("Stop (after saving, when --save is set) once the iteration is a multiple of this.", default=None)
+    override_opt_param_scheduler: bool = doc(
+        "On --load, apply this command line's learning-rate schedule and optimizer settings (--lr, --min-lr, "
+        "--lr-*, --weight-decay, --adam-*, --samoe-combination-lr-mult) where they differ from the checkpoint's.",
+        default=False)
+    use_checkpoint_opt_param_scheduler: bool = doc(
+        "On --load, keep the checkpoint's learning-rate schedule and optimizer settings where this command line "
+        "differs (without either flag a difference is an error).", default=False)
+    allow_data_change: bool = doc(
+        "On --load, continue on data that differs from the checkpoint's (data prefixes and their sizes, split, "
+        "seed, sequence length, tokenizer); without it a difference is an error.", default=False)
+    overwrite_checkpoints: bool = doc(
+        "Let --save write into a directory holding another run's checkpoints (one this run did not --load), "
+        "replacing its 'latest'; without it that is an error.", default=False)
     tensorboard_dir: Optional[str] = doc("Write TensorBoard events here.", default=None)
     metrics_file: Optional[str] = doc("Write JSON-lines metrics here (rank 0).", default=None)
 
@@ -283,6 +296,9 @@ class TrainingConfig:
         for name in ("save_interval", "exit_interval", "keep_last_checkpoints", "exit_duration_in_mins"):
             if getattr(self, name) is not None:
                 _positive(self, name)
+        _require(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+                 "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other: "
+                 "choose the command line's values or the checkpoint's")
 
 
 @dataclass

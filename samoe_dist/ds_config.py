@@ -50,7 +50,10 @@ def build_ds_config(cfg: RunConfig, user: dict, dp_size: int) -> dict:
                           "--lr, --min-lr, --lr-warmup-iters, --lr-decay-style, --lr-decay-iters")
     if "fp16" in ds and ds["fp16"].get("enabled", False):
         raise ConfigError("ds_config enables fp16: use bf16 (--bf16) or fp32; fp16 loss scaling is not supported")
-    bf16_file = ds.get("bf16", {}).get("enabled", False)
+    bf16_file = ds.get("bf16", {}).get("enabled", None)
+    if bf16_file is False and tr.bf16:
+        raise ConfigError('ds_config bf16 {"enabled": false} contradicts --bf16: remove one of them (the flag '
+                          'alone, or "enabled": true in the file, both ask for bf16)')
     if bf16_file and not tr.bf16:
         tr.bf16 = True  # the file asked for bf16; the flag is the same request
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": tr.bf16}

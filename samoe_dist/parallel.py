@@ -64,6 +64,19 @@ class ParallelGroups:
         return self.rank == 0
 
 
+# World-size variables of the launchers, in order: torchrun/deepspeed/SLURM templates, then MPI
+# (mpirun of Open MPI, MPICH/Intel MPI's PMI, MVAPICH), before DeepSpeed's MPI discovery has run.
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launcher_world_size() -> int:
+    """The number of processes the launcher started (1 without a launcher)."""
+    for var in _WORLD_SIZE_VARS:
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
 def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 30.0) -> ParallelGroups:
     """Initialise torch.distributed through DeepSpeed, then both libraries' expert groups."""
     import deepspeed
@@ -75,7 +88,11 @@ def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 3
     cpu_compat.apply()
     backend = "gloo" if cpu_compat.on_cpu() else "nccl"
     # Also when torch.distributed is already up (tests): DeepSpeed then wraps the existing group.
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    # Under mpirun (no RANK/WORLD_SIZE/MASTER_* set) DeepSpeed discovers rank, world and master
+    # through mpi4py; the port is MASTER_PORT when given (mpirun -x MASTER_PORT=...), else its default.
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                               distributed_port=port)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not cpu_compat.on_cpu():
         torch.cuda.set_device(local_rank)

@@ -19,28 +19,32 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from samoe_dist import checkpoint, cpu_compat
+from samoe_dist import checkpoint, collective_check, cpu_compat
 from samoe_dist.config import RunConfig, gradient_accumulation_steps, validate_layout
 from samoe_dist.data_adapter import TrainingData, build_training_data
 from samoe_dist.ds_config import build_ds_config, load_ds_config
 from samoe_dist.metrics import MetricsWriter, iteration_line, setup_logging
 from samoe_dist.model import build_model, is_expert_parallel, is_pool_shard
 from samoe_dist.optim import make_scheduler, param_groups
-from samoe_dist.parallel import ParallelGroups, init_distributed
+from samoe_dist.parallel import ParallelGroups, init_distributed, launcher_world_size
 from samoe_dist.params import count_parameters, format_counts
 
 logger = logging.getLogger("samoe")
 
 
-def _mean_over_world(values: dict[str, float], device: torch.device) -> dict[str, float]:
+def _mean_over_world(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
     """Average each value over all ranks (each rank contributes the mean of its micro-batches).
-    The tensor lives on ``device``, the engine's: NCCL rejects a CPU tensor."""
-    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(values)
+
+    ``values`` are 0-d tensors kept on the device through the step (no host sync per micro-batch);
+    they are stacked, all-reduced on ``device`` (the engine's: NCCL rejects a CPU tensor), and read
+    back with one host sync per step."""
+    if not values:
+        return {}
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
+    t = torch.stack([values[k].to(device=device, dtype=torch.float64) for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
 
 
@@ -53,9 +57,10 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, ds_config_path: Optional[str]):
         self.cfg = cfg
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = launcher_world_size()  # torchrun/deepspeed, or mpirun before MPI discovery
         self.dp = validate_layout(cfg, world_size)  # fails before any process group exists
         user_ds = load_ds_config(ds_config_path)
+        checkpoint.check_save_dir(cfg)  # before any process group: another run's checkpoints stay untouched
         self.groups: ParallelGroups = init_distributed(cfg.parallel.expert_model_parallel_size)
         setup_logging(self.groups.rank)
         cpu_compat.seed_model_parallel(cfg.training.seed)
@@ -74,6 +79,7 @@ class Trainer:
             config=self.ds_config,
             lr_scheduler=lambda opt: make_scheduler(opt, tr),
         )
+        collective_check.install(self.engine.device)  # SAMOE_CHECK_COLLECTIVE_DEVICES=1 (the tests set it)
         self.iteration = 0
         self.consumed_samples = 0
         self.last_grad_norm = float("nan")
@@ -81,7 +87,10 @@ class Trainer:
         self._start_time = time.time()
         self._sigterm = SigtermFlag()
         self.metrics = MetricsWriter(self.groups.is_main, tr.metrics_file, tr.tensorboard_dir)
+        if tr.save:
+            checkpoint.check_shared_filesystem(tr.save, "--save")
         if tr.load:
+            checkpoint.check_shared_filesystem(tr.load, "--load", create=False)
             if tr.load == tr.save and not os.path.isfile(os.path.join(tr.load, "latest")):
                 # --save DIR --load DIR is the resume-or-start pattern of preemptible jobs
                 logger.info("no checkpoint in %s yet: starting from scratch", tr.load)
@@ -95,7 +104,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over one global batch; returns world-averaged losses."""
         tr = self.cfg.training
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for micro_step in range(self.gas):
             batch = self._to_device(self.data.micro_batch(
                 "train", self.consumed_samples, tr.micro_batch_size, self.groups.dp_rank, self.dp, micro_step))
@@ -106,8 +115,9 @@ class Trainer:
                 if self._is_log_iteration(self.iteration + 1):
                     self._grad_flow = self._expert_grad_norms()
             self.engine.step()
-            for name, value in parts.items():
-                sums[_key(name)] = sums.get(_key(name), 0.0) + float(value) / self.gas
+            for name, value in parts.items():  # tensors: no host sync per micro-batch
+                part = value.detach().to(torch.float64) / self.gas
+                sums[_key(name)] = sums[_key(name)] + part if _key(name) in sums else part
         self.consumed_samples += tr.global_batch_size
         self.iteration += 1
         engine_norm = self.engine.get_global_grad_norm()
@@ -152,13 +162,13 @@ class Trainer:
         samples evaluated do not depend on the number of processes."""
         tr = self.cfg.training
         self.engine.eval()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for i in range(tr.eval_iters):
             for micro_step in range(self.gas):
                 batch = self._to_device(self.data.micro_batch(
                     split, i * tr.global_batch_size, tr.micro_batch_size, self.groups.dp_rank, self.dp, micro_step))
                 _, parts = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
-                total += float(parts["lm loss"])
+                total += parts["lm loss"].detach().to(torch.float64)
         self.engine.train()
         return _mean_over_world({"loss": total / (tr.eval_iters * self.gas)}, self.engine.device)["loss"]
 

@@ -6,17 +6,39 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"samoe needs Python 3.11, found {sys.version.split()[0]}: set PYTHON=/path/to/python3.11"'
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3)}
+"$PYTHON" -c 'import sys; v = sys.version_info[:2]; assert v in ((3, 11), (3, 12)), f"samoe needs Python 3.11 or 3.12, found {sys.version.split()[0]}: set PYTHON=/path/to/python3.12"' \
+  || { echo "[setup] error: $PYTHON does not run as Python 3.11 or 3.12 (see above); set PYTHON=/path/to/python3.12 (or 3.11)" >&2; exit 1; }
+
+# GPU (SAMOE_GPU=1): the machine's CUDA build of torch is used, not replaced. The venv sees the
+# interpreter's packages (--system-site-packages), so a torch preinstalled in the image is found;
+# otherwise install one into .venv first (README, GPU install). Supported torch: SUPPORTED_TORCH.
+SUPPORTED_TORCH="2.11 2.12 2.13"
+CONSTRAINTS=constraints.txt
+[ "${SAMOE_GPU:-0}" = "1" ] && CONSTRAINTS=constraints-gpu.txt
 
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $PYTHON"
-  "$PYTHON" -m venv .venv
+  if [ "$CONSTRAINTS" = constraints-gpu.txt ]; then
+    "$PYTHON" -m venv --system-site-packages .venv
+  else
+    "$PYTHON" -m venv .venv
+  fi
 fi
-
-# GPU users: install a CUDA build of torch into .venv first, then run with SAMOE_GPU=1.
-CONSTRAINTS=constraints.txt
-[ "${SAMOE_GPU:-0}" = "1" ] && CONSTRAINTS=constraints-gpu.txt
+if [ "$CONSTRAINTS" = constraints-gpu.txt ]; then
+  tv=$(.venv/bin/python -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
+  if [ -z "$tv" ]; then
+    echo "[setup] error: SAMOE_GPU=1 needs a CUDA build of torch ($SUPPORTED_TORCH) in $PYTHON or .venv; install one first, e.g. .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" >&2
+    exit 1
+  fi
+  case " $SUPPORTED_TORCH " in
+    *" ${tv%.*} "*) echo "[setup] using the installed torch $tv" ;;
+    *) if [ "${SAMOE_ALLOW_TORCH:-0}" != "1" ]; then
+         echo "[setup] error: torch $tv is not a supported version ($SUPPORTED_TORCH); install one of those, or set SAMOE_ALLOW_TORCH=1 to try it anyway" >&2
+         exit 1
+       fi ;;
+  esac
+fi
 stamp=.venv/.samoe-install-stamp
 want=$(cat "$CONSTRAINTS" setup.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from samoe_dist.samoe.grouped_gemm import grouped_matmul, grouped_weight_grad
+from samoe_dist.samoe.grouped_gemm import GroupLayout, grouped_matmul, grouped_weight_grad
 from samoe_dist.samoe.pool import PoolGradSink, PoolShard, gather_columns, reduce_scatter_columns
 
 
@@ -135,8 +135,12 @@ def _activation_backward(activation: Callable, z1_TF: torch.Tensor, grad_TF: tor
 
 
 def _row_dot(a_TF: torch.Tensor, b_TF: torch.Tensor, dtype: torch.dtype, rows: int = 512) -> torch.Tensor:
-    """[T] row-wise dot products in ``dtype``, in row blocks: the [rows, F] temporary stays in
-    cache (3-4x faster than one [T, F] product on the CPU, and no [T, F] allocation)."""
+    """[T] row-wise dot products in ``dtype``. On the CPU in row blocks: the [rows, F] temporary
+    stays in cache (3-4x faster than one [T, F] product, and no [T, F] allocation). Elsewhere one
+    fused reduction (``torch.linalg.vecdot``): a loop of T/rows x 4 small kernels would be
+    launch-bound on a GPU."""
+    if a_TF.device.type != "cpu":
+        return torch.linalg.vecdot(a_TF.to(dtype), b_TF.to(dtype), dim=-1)
     out_T = torch.empty(a_TF.shape[0], dtype=dtype, device=a_TF.device)
     for start in range(0, a_TF.shape[0], rows):
         block = slice(start, start + rows)
@@ -172,7 +176,7 @@ class MaterializedExpertFFN(torch.autograd.Function):
     def forward(ctx, x_TH, probs_T, A_nP, w1_PHF, w2_PFH, w3_PHF, counts: Sequence[int], activation: Callable,
                 access: PoolAccess):
         gated = w3_PHF is not None
-        counts = tuple(int(c) for c in counts)
+        counts = GroupLayout(counts)  # device offsets built once, reused by every GEMM of this call
         z1_TF = grouped_matmul(x_TH, materialize(A_nP, w1_PHF, access, 0), counts)  # W1_nHF freed here
         z3_TF = grouped_matmul(x_TH, materialize(A_nP, w3_PHF, access, 2), counts) if gated else None
         hidden_TF = _activation(activation, z1_TF)

@@ -37,7 +37,40 @@ PAD_ROWS = {torch.bfloat16: 32, torch.float16: 32}
 
 
 def _offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+    """int32 end offsets of the groups on ``device``. The counts are host values (megatron's
+    dispatchers hand them over on the host); on an accelerator they go through pinned memory with
+    a non-blocking copy, so the host does not wait for the device."""
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    if torch.device(device).type == "cpu":
+        return offs
+    return offs.pin_memory().to(device=device, non_blocking=True)
+
+
+class GroupLayout:
+    """The per-group row counts of one layer call, with their device offsets built once and reused
+    by every grouped GEMM of the call, forward and backward (pass it where counts are taken)."""
+
+    __slots__ = ("counts", "_offsets")
+
+    def __init__(self, counts: Sequence[int]):
+        self.counts = tuple(int(c) for c in counts)
+        self._offsets: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __iter__(self):
+        return iter(self.counts)
+
+    def offsets(self, device: torch.device, counts: Optional[tuple] = None) -> torch.Tensor:
+        key = (str(device), counts or self.counts)
+        if key not in self._offsets:
+            self._offsets[key] = _offsets(key[1], device)
+        return self._offsets[key]
+
+
+def _layout(counts) -> GroupLayout:
+    return counts if isinstance(counts, GroupLayout) else GroupLayout(counts)
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,31 +149,34 @@ def _unpad(t_TK: torch.Tensor, counts: tuple, padded: tuple) -> torch.Tensor:
     return out
 
 
-def grouped_matmul(x_TK: torch.Tensor, w_GKN: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """y_TN with rows of group g equal to ``x_TK[rows of g] @ w_GKN[g]``."""
+def grouped_matmul(x_TK: torch.Tensor, w_GKN: torch.Tensor, counts) -> torch.Tensor:
+    """y_TN with rows of group g equal to ``x_TK[rows of g] @ w_GKN[g]`` (``counts``: a sequence or
+    a :class:`GroupLayout`)."""
     G, K, N = w_GKN.shape
     if x_TK.shape[0] == 0:
         return x_TK.new_zeros(0, N)
+    layout = _layout(counts)
     if _use_grouped(x_TK, K, N):
-        pad = _padding(x_TK, counts)
+        pad = _padding(x_TK, layout.counts)
         if pad is not None:
             counts, padded = pad
-            y_pad = _GROUPED_MM(_pad(x_TK, counts, padded), w_GKN, offs=_offsets(padded, x_TK.device))
+            y_pad = _GROUPED_MM(_pad(x_TK, counts, padded), w_GKN, offs=layout.offsets(x_TK.device, padded))
             return _unpad(y_pad, counts, padded)
-        return _GROUPED_MM(x_TK, w_GKN, offs=_offsets(counts, x_TK.device))
-    return _loop_matmul(x_TK, w_GKN, counts)
+        return _GROUPED_MM(x_TK, w_GKN, offs=layout.offsets(x_TK.device))
+    return _loop_matmul(x_TK, w_GKN, layout.counts)
 
 
-def grouped_weight_grad(x_TK: torch.Tensor, dy_TN: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+def grouped_weight_grad(x_TK: torch.Tensor, dy_TN: torch.Tensor, counts) -> torch.Tensor:
     """dw_GKN with ``dw[g] = x_TK[rows of g].T @ dy_TN[rows of g]`` (zeros for an empty group)."""
     K, N = x_TK.shape[1], dy_TN.shape[1]
+    layout = _layout(counts)
     if x_TK.shape[0] == 0:
-        return x_TK.new_zeros(len(counts), K, N)
+        return x_TK.new_zeros(len(layout), K, N)
     if _use_grouped(x_TK, K, N):
-        pad = _padding(x_TK, counts)
+        pad = _padding(x_TK, layout.counts)
         if pad is not None:
             counts, padded = pad
             return _GROUPED_MM(_pad(x_TK, counts, padded).t(), _pad(dy_TN, counts, padded),
-                               offs=_offsets(padded, x_TK.device))
-        return _GROUPED_MM(x_TK.t(), dy_TN, offs=_offsets(counts, x_TK.device))
-    return _loop_weight_grad(x_TK, dy_TN, counts)
+                               offs=layout.offsets(x_TK.device, padded))
+        return _GROUPED_MM(x_TK.t(), dy_TN, offs=layout.offsets(x_TK.device))
+    return _loop_weight_grad(x_TK, dy_TN, layout.counts)

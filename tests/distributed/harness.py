@@ -31,7 +31,8 @@ def _snapshot(trainer) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, probe, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                      SAMOE_CHECK_COLLECTIVE_DEVICES="1")  # every collective's tensors on the engine's device
     torch.set_num_threads(1)
     result: dict = {"rank": rank}
     try:
@@ -50,6 +51,9 @@ def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, probe
             if probe is not None:
                 result["extra"].append(probe(trainer))
         result["ep_rank"] = trainer.groups.ep_rank
+        from samoe_dist import collective_check
+
+        result["collectives_checked"] = sorted(collective_check._INSTALLED)
         pool = getattr(trainer.model.gpt, "samoe_pool", None)
         result["pool_w1_numel"] = pool.w1.numel() if pool is not None else None  # this rank's share
     except BaseException:  # reported to the parent, which fails the test

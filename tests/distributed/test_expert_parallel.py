@@ -86,6 +86,8 @@ def test_samoe_matches_single_process(tmp_path, tmp_path_factory, tiny_corpus, w
     runs = run_world(world, _args(tmp_path, *tiny_corpus, "samoe", topk, ep, zero), STEPS, tmp_path / "out",
                      probe=_grad_norm)
     assert [r["ep_rank"] for r in runs] == [r % ep for r in range(world)]
+    # the run's collectives went through the device check (samoe_dist/collective_check.py)
+    assert {"all_reduce", "all_to_all_single", "all_gather_into_tensor"} <= set(runs[0]["collectives_checked"])
     _assert_same_run(runs, ref)
 
 

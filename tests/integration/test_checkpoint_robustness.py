@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import read_metrics, run_launcher, start_direct, tiny_model_args
 
 SAMOE = ["--num-experts", "4", "--samoe-pool-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4",
-         "--lr", "3e-3", "--eval-iters", "1"]
+         "--lr", "3e-3", "--eval-iters", "1", "--lr-decay-iters", "6"]  # a schedule that --train-iters does not move
 
 
 def _args(tmp, corpus, tok, *extra):
@@ -106,3 +106,93 @@ def test_load_refuses_another_layout_naming_the_converter(tmp_path, tiny_corpus)
     errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
     assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
     assert "expert-parallel size 2" in errors[0] and "tools/convert_checkpoint.py reshard" in errors[0]
+
+
+def _errors(run) -> list[str]:
+    return [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+
+
+def test_changed_optimizer_flags_on_load_are_refused_applied_or_ignored_as_told(tmp_path, tiny_corpus):
+    """Megatron's choice: a learning-rate flag that differs from the checkpoint's is an error naming
+    it, unless --override-opt-param-scheduler (the new value is used: the logged lr is the new
+    schedule's) or --use-checkpoint-opt-param-scheduler (the checkpoint's schedule continues)."""
+    from samoe_dist.arguments import parse_args
+    from samoe_dist.optim import lr_at
+
+    ckpt = tmp_path / "ckpt"
+    base = _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt), "--lr-warmup-iters", "1")
+    run = run_launcher(1, base)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    def resume(name, *extra):
+        metrics = tmp_path / f"{name}.jsonl"
+        args = _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt), "--lr-warmup-iters", "1",
+                     "--metrics-file", str(metrics), "--lr", "1e-3", "--min-lr", "1e-5", *extra)
+        return run_launcher(1, args), metrics, parse_args(args)[0].training
+
+    run, _, _ = resume("refused")
+    assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
+    for part in ("--lr checkpoint 0.003, now 0.001", "--min-lr checkpoint 0.0001, now 1e-05",
+                 "--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"):
+        assert part in _errors(run)[0], _errors(run)
+    run, metrics, new = resume("override", "--override-opt-param-scheduler")
+    assert run.returncode == 0, run.stderr[-3000:]
+    (step3,) = read_metrics(metrics, "train")
+    assert step3["iteration"] == 3 and step3["lr"] == pytest.approx(lr_at(2, new), rel=1e-12)
+    run, metrics, _ = resume("kept", "--use-checkpoint-opt-param-scheduler")
+    assert run.returncode == 0, run.stderr[-3000:]
+    old = parse_args(base)[0].training
+    (step3,) = read_metrics(metrics, "train")
+    assert step3["lr"] == pytest.approx(lr_at(2, old), rel=1e-12) and lr_at(2, old) != lr_at(2, new)
+
+
+def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, tiny_corpus):
+    """The checkpoint records its data (prefixes and sizes, split, seed, sequence length, tokenizer
+    hash): another split is refused naming it, and accepted with --allow-data-change."""
+    ckpt = tmp_path / "ckpt"
+    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    fingerprint = json.loads((ckpt / "iter_0000002" / "config.json").read_text())["data_fingerprint"]
+    assert fingerprint["split"] == "969,30,1" and len(fingerprint["tokenizer_sha256"]) == 64
+    assert all(size > 0 for size in fingerprint["file_bytes"].values())
+    other = _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt), "--split", "900,100,0")
+    run = run_launcher(1, other)
+    assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
+    assert "split: checkpoint 969,30,1, now 900,100,0" in _errors(run)[0] and "--allow-data-change" in _errors(run)[0]
+    run = run_launcher(1, [*other, "--allow-data-change"])
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("victim", ["rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                    "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_missing_checkpoint_file_is_named(tmp_path, tiny_corpus, victim):
+    """2 ranks, EP=2, ZeRO-1: with one file of the checkpoint deleted, the resume fails before
+    DeepSpeed reads anything, with one line naming that file (no gloo 'connection closed')."""
+    ckpt = tmp_path / "ckpt"
+    args = _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt), "--expert-model-parallel-size", "2")
+    run = run_launcher(2, args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (ckpt / "iter_0000002" / victim).unlink()
+    run = run_launcher(2, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt),
+                                "--expert-model-parallel-size", "2"))
+    assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
+    assert f"1 file(s) missing: {victim}" in _errors(run)[0] and "earlier complete checkpoint" in _errors(run)[0]
+    assert "Connection closed" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_save_refuses_to_overwrite_another_runs_checkpoints(tmp_path, tiny_corpus):
+    """--save into a directory holding another run's checkpoints, without --load of it, is refused
+    before anything is written (its 'latest' and files untouched); --overwrite-checkpoints allows it."""
+    ckpt = tmp_path / "ckpt"
+    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--save", str(ckpt)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    before = {p.name: p.stat().st_mtime_ns for p in (ckpt / "iter_0000003").iterdir()}
+    other = tiny_model_args(tmp_path, *tiny_corpus, "--micro-batch-size", "2", "--train-iters", "1", "--save", str(ckpt))
+    run = run_launcher(1, other)  # a dense model into the SaMoE run's directory
+    assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
+    assert "latest iter_0000003, a samoe model" in _errors(run)[0] and "--overwrite-checkpoints" in _errors(run)[0]
+    assert (ckpt / "latest").read_text() == "iter_0000003"
+    assert {p.name: p.stat().st_mtime_ns for p in (ckpt / "iter_0000003").iterdir()} == before
+    run = run_launcher(1, [*other, "--overwrite-checkpoints"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (ckpt / "latest").read_text() == "iter_0000001"

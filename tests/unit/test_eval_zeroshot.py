@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402,F401  lm-eval is a pinned test dependency (setup.py [dev]): missing, these tests fail
 
 from samoe_dist.evaluation import zeroshot  # noqa: E402
 from samoe_dist.evaluation.loading import EvaluationError  # noqa: E402

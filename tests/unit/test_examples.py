@@ -78,3 +78,31 @@ def test_pool_sweep_covers_pools_twin_and_dense():
 @pytest.mark.parametrize("script", SCRIPTS[1:] + ["examples/pretrain_gpt.sh", "examples/sweep_pool.sh"])
 def test_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0
+
+
+def test_deepspeed_sbatch_builds_the_hostfile_of_a_two_node_allocation(tmp_path):
+    """examples/slurm/pretrain_deepspeed.sbatch on a faked 2-node allocation: `scontrol show
+    hostnames` gives the nodes, `srun` prints the per-node command instead of running it. The
+    hostfile lists both nodes with their GPUs, and the launch line hands it to DeepSpeed's runner
+    with --no_ssh and the node's rank (the runner refuses more than one node without a hostfile)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && '
+                                      '[ "$3" = "gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "srun"; printf " %q" "$@"; echo\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu[07-08]",
+               SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=str(REPO),
+               RUN_DIR=str(run_dir), SIZE="350m", KIND="samoe")
+    out = subprocess.run(["bash", "examples/slurm/pretrain_deepspeed.sbatch"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    hostfile = run_dir / "hostfile.4242"
+    assert hostfile.read_text() == "gpu07 slots=4\ngpu08 slots=4\n"
+    launch = [line for line in out.stdout.splitlines() if line.startswith("srun")]
+    assert len(launch) == 1, out.stdout
+    for part in (f"--hostfile {hostfile}", "--no_ssh", "--node_rank $SLURM_NODEID", "--num_nodes 2",
+                 "--num_gpus 4", "--master_addr gpu07", "--master_port 24242", "pretrain_samoe.py"):
+        assert part in launch[0].replace("\\", ""), (part, launch[0])

@@ -200,3 +200,56 @@ def test_per_expert_values_go_to_tensorboard_as_histograms(tmp_path):
     assert hist["train/pool_grad_norm"].num == 3 and hist["train/pool_grad_norm"].max == 2.0
     assert hist["train/expert_tokens_received"].sum == 10.0
     assert acc.Scalars("train/lm_loss")[0].value == 3.0
+
+
+@pytest.mark.parametrize("k, cf, pre_softmax", [(1, None, True), (2, 0.5, True), (2, None, False)])
+def test_the_trainers_router_matches_the_oracle_with_its_losses(seeded, k, cf, pre_softmax):
+    """ExplicitLossRouter, the router the trainer builds (samoe_dist.model), in megatron's MoELayer
+    with SaMoE experts: the output, the load-balancing and z losses it hands over (pop_losses), and
+    the gradients of tokens, router weight, pool and combination logits through output AND losses
+    equal the for-loop oracle's."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from samoe_dist.model import _with_explicit_router
+    from samoe_dist.router import ExplicitLossRouter
+    from samoe_dist.samoe.reference import reference_combination_weights, reference_materialize
+    from samoe_dist.samoe.spec import samoe_moe_spec
+    from samoe_dist.samoe.testing import moe_transformer_config
+
+    N, P, tau = 4, 3, 0.7
+    cfg = moe_transformer_config(hidden_size=H, ffn_hidden_size=FFN, num_experts=N, topk=k, capacity_factor=cf,
+                                 aux_loss_coeff=AUX, z_loss_coeff=ZLOSS, dtype=DT, pre_softmax=pre_softmax)
+    samoe = SaMoEConfig(samoe_pool_size=P, samoe_temperature=tau, samoe_init="random")
+    pool = ExpertPool(P, H, FFN, init_method_std=0.5, dtype=DT)
+    layer = build_module(_with_explicit_router(samoe_moe_spec(PoolRef(pool), 0, samoe)), config=cfg, layer_number=1)
+    assert type(layer.router) is ExplicitLossRouter
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    x = torch.randn(6, 2, H, dtype=DT, requires_grad=True)
+    y, _ = layer(x)
+    losses = layer.router.pop_losses()
+    assert set(losses) == {"load_balancing_loss", "z_loss"}
+    G = torch.randn_like(y)
+    ((y * G).sum() + losses["load_balancing_loss"] + losses["z_loss"]).backward()
+
+    C = layer.experts.combination_logits
+    leaves = [x.detach().reshape(-1, H).clone().requires_grad_(), layer.router.weight.detach().clone().requires_grad_(),
+              pool.w1.detach().clone().requires_grad_(), pool.w2.detach().clone().requires_grad_(),
+              C.detach().clone().requires_grad_()]
+    experts = reference_materialize(reference_combination_weights(leaves[4], tau), (leaves[2], leaves[3], None))
+    y_ref, aux, z = reference_moe_layer(leaves[0], leaves[1], experts, k, pre_softmax, cf, AUX, ZLOSS,
+                                        cfg.activation_func, False)
+    torch.testing.assert_close(y.reshape(-1, H), y_ref, rtol=1e-5, atol=1e-6)
+    # megatron computes the aux losses in fp32 (its router dtype) from fp64 logits: a sum of ~T*N
+    # fp32-rounded terms, relative error under T*N*2^-24 ~ 3e-6 here
+    torch.testing.assert_close(losses["load_balancing_loss"].double(), aux, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(losses["z_loss"].double(), z, rtol=1e-5, atol=1e-9)
+    assert aux > 0 and z > 0
+    no_loss = torch.autograd.grad((y_ref * G.reshape(-1, H)).sum(), leaves[1], retain_graph=True)[0]
+    grads = torch.autograd.grad((y_ref * G.reshape(-1, H)).sum() + aux + z, leaves)
+    got = [x.grad.reshape(-1, H), layer.router.weight.grad, pool.w1.grad, pool.w2.grad, C.grad]
+    for name, g, want in zip(["x", "router", "w1", "w2", "C"], got, grads):
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # the losses' own share of the router gradient is there: without them it differs
+    assert not torch.allclose(no_loss, layer.router.weight.grad, rtol=1e-3, atol=1e-6)

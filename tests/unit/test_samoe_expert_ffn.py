@@ -173,3 +173,25 @@ def test_bf16_row_padding_changes_no_result_beyond_one_rounding(monkeypatch):
         bound = 2.0 ** -8 * ref.abs() + 1e-6 * mag
         assert bool(((got.float() - want.float()).abs() <= 2 * bound).all())  # each within one rounding of exact
         assert bool(((got.float() - ref).abs() <= bound).all())
+
+
+def test_group_offsets_are_built_once_per_layer_call(monkeypatch):
+    """The grouped GEMMs of one call (3 in forward, 6 in backward here) share one offsets tensor:
+    on an accelerator building it is a host-to-device copy, so it happens once per layer call."""
+    gen = torch.Generator().manual_seed(0)
+    counts, h, f, P = (5, 0, 9, 2), 16, 32, 3
+    x = torch.randn(sum(counts), h, generator=gen, requires_grad=True)
+    probs = torch.rand(sum(counts), generator=gen, requires_grad=True)
+    A = torch.softmax(torch.randn(len(counts), P, generator=gen), -1).requires_grad_()
+    w1, w2 = torch.randn(P, h, f, generator=gen, requires_grad=True), torch.randn(P, f, h, generator=gen, requires_grad=True)
+
+    def run():
+        materialized_expert_ffn(x, probs, counts, A, w1, w2, None, F.gelu).square().sum().backward()
+
+    run()  # the kernel probes (once per shape, cached) are not part of a call
+    assert grouped_gemm._use_grouped(x, h, f) and grouped_gemm._use_grouped(x, f, h)  # the path taking offsets
+    calls = []
+    real = grouped_gemm._offsets
+    monkeypatch.setattr(grouped_gemm, "_offsets", lambda c, device: calls.append(c) or real(c, device))
+    run()
+    assert calls == [(5, 0, 9, 2)]

@@ -62,6 +62,18 @@ def test_ds_config_contradictions(user, message):
         build_ds_config(cfg, user, dp_size=2)
 
 
+def test_bf16_flag_and_file_must_agree():
+    """--bf16 against a file that turns bf16 off is an error naming both; a file asking for bf16
+    without the flag is the same request; neither: fp32."""
+    with pytest.raises(ConfigError, match=r'bf16 \{"enabled": false\} contradicts --bf16'):
+        build_ds_config(_cfg("--micro-batch-size", "2", "--bf16"), {"bf16": {"enabled": False}}, dp_size=1)
+    cfg = _cfg("--micro-batch-size", "2")
+    assert build_ds_config(cfg, {"bf16": {"enabled": True}}, dp_size=1)["bf16"]["enabled"] and cfg.training.bf16
+    cfg = _cfg("--micro-batch-size", "2")
+    assert not build_ds_config(cfg, {"bf16": {"enabled": False}}, dp_size=1)["bf16"]["enabled"]
+    assert not cfg.training.bf16
+
+
 def test_ds_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_ds_config(str(tmp_path / "missing.json"))
