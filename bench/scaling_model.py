@@ -221,39 +221,40 @@ SHAPES = [Shape("350M+128e", layers=24, hidden=1024, ffn=4096), Shape("1.3B+128e
 WORLDS = (64, 512)
 
 
-def table(rows: list[dict]) -> str:
-    head = ("| model | GPUs | EP x EDP | micro-batch (seqs/GPU) x GA | expert params MoE / SaMoE (B) | "
-            "all-to-all GB/GPU (all) | expert sync GB/GPU MoE / SaMoE repl. / SaMoE sharded | "
-            "expert weight gathers GB/GPU MoE / repl. / sharded | expert memory GB/GPU MoE / repl. / sharded | "
-            "materialisation / step FLOPs repl. / sharded |")
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['gpus']} | {r['ep']} x {r['expert_dp']} | "
-            f"{r['micro_batch_sequences']:g} x {r['grad_accum']} | {r['expert_params_total_moe'] / 1e9:.2f} / "
-            f"{r['expert_params_total_samoe'] / 1e9:.2f} | {r['all_to_all_GB_per_gpu']:.2f} | "
-            f"{r['expert_sync_GB_per_gpu_moe']:.2f} / {r['expert_sync_GB_per_gpu_samoe']:.2f} / "
-            f"{r['expert_sync_GB_per_gpu_samoe_sharded']:.2f} | "
-            f"{r['expert_gather_GB_per_gpu_moe']:.0f} / {r['expert_gather_GB_per_gpu_samoe']:.0f} / "
-            f"{r['expert_gather_GB_per_gpu_samoe_sharded']:.2f} | "
-            f"{r['expert_memory_GB_per_gpu_moe']:.2f} / {r['expert_memory_GB_per_gpu_samoe']:.2f} / "
-            f"{r['expert_memory_GB_per_gpu_samoe_sharded']:.2f} | "
-            f"{r['materialisation_flops_vs_step_flops']:.3f} / {r['materialisation_flops_vs_step_flops_sharded']:.3f} |")
+def _markdown(columns: list[str], rows: list[dict], cells) -> str:
+    """A Markdown table: ``columns`` as the header, ``cells(row)`` (a list of strings) per row."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> str:
+    columns = ["model", "GPUs", "EP x EDP", "micro-batch (seqs/GPU) x GA", "expert params MoE / SaMoE (B)",
+               "all-to-all GB/GPU (all)", "expert sync GB/GPU MoE / SaMoE repl. / SaMoE sharded",
+               "expert weight gathers GB/GPU MoE / repl. / sharded", "expert memory GB/GPU MoE / repl. / sharded",
+               "materialisation / step FLOPs repl. / sharded"]
+    return _markdown(columns, rows, lambda r: [
+        r["model"], str(r["gpus"]), f"{r['ep']} x {r['expert_dp']}",
+        f"{r['micro_batch_sequences']:g} x {r['grad_accum']}",
+        f"{r['expert_params_total_moe'] / 1e9:.2f} / {r['expert_params_total_samoe'] / 1e9:.2f}",
+        f"{r['all_to_all_GB_per_gpu']:.2f}",
+        f"{r['expert_sync_GB_per_gpu_moe']:.2f} / {r['expert_sync_GB_per_gpu_samoe']:.2f} / "
+        f"{r['expert_sync_GB_per_gpu_samoe_sharded']:.2f}",
+        f"{r['expert_gather_GB_per_gpu_moe']:.0f} / {r['expert_gather_GB_per_gpu_samoe']:.0f} / "
+        f"{r['expert_gather_GB_per_gpu_samoe_sharded']:.2f}",
+        f"{r['expert_memory_GB_per_gpu_moe']:.2f} / {r['expert_memory_GB_per_gpu_samoe']:.2f} / "
+        f"{r['expert_memory_GB_per_gpu_samoe_sharded']:.2f}",
+        f"{r['materialisation_flops_vs_step_flops']:.3f} / {r['materialisation_flops_vs_step_flops_sharded']:.3f}"])
 
 
 def sharded_breakdown(rows: list[dict]) -> str:
-    head = ("| model | GPUs | GA | dW reduce-scatter (EDP group) | pool slice sync (EP group) | combination sync (world) | "
-            "sharded sync total | MoE sync | GA where sharded sync = MoE sync |")
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['gpus']} | {r['grad_accum']} | {r['samoe_sharded_reduce_scatter_GB_per_gpu']:.2f} | "
-            f"{r['samoe_sharded_pool_ep_sync_GB_per_gpu']:.2f} | "
-            f"{r['samoe_sharded_combination_world_sync_GB_per_gpu']:.4f} | "
-            f"{r['expert_sync_GB_per_gpu_samoe_sharded']:.2f} | {r['expert_sync_GB_per_gpu_moe']:.2f} | "
-            f"{r['sharded_sync_break_even_ga']:.2f} |")
-    return "\n".join(lines)
+    columns = ["model", "GPUs", "GA", "dW reduce-scatter (EDP group)", "pool slice sync (EP group)",
+               "combination sync (world)", "sharded sync total", "MoE sync", "GA where sharded sync = MoE sync"]
+    return _markdown(columns, rows, lambda r: [
+        r["model"], str(r["gpus"]), str(r["grad_accum"]), f"{r['samoe_sharded_reduce_scatter_GB_per_gpu']:.2f}",
+        f"{r['samoe_sharded_pool_ep_sync_GB_per_gpu']:.2f}", f"{r['samoe_sharded_combination_world_sync_GB_per_gpu']:.4f}",
+        f"{r['expert_sync_GB_per_gpu_samoe_sharded']:.2f}", f"{r['expert_sync_GB_per_gpu_moe']:.2f}",
+        f"{r['sharded_sync_break_even_ga']:.2f}"])
 
 
 def rows_for(micro_batch: Optional[float] = None, worlds=WORLDS) -> list[dict]:
