@@ -310,10 +310,10 @@ def check_shared_filesystem(path: str, what: str, create: bool = True) -> None:
     _barrier()
     seen = [os.path.isfile(probe)]
     everyone = [None] * world
-    dist.all_gather_object(everyone, (seen[0], socket.gethostname()))
-    _barrier()
+    dist.all_gather_object(everyone, (seen[0], socket.gethostname()))  # every rank has looked
     if rank == 0:
         os.remove(probe)
+    _barrier()  # the probe is gone when any rank returns
     blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(everyone) if not ok]
     if blind:
         raise ConfigError(f"{what} {path} is not on a filesystem every node shares: {', '.join(blind)} cannot see "

@@ -36,7 +36,8 @@ def test_mpirun_two_ranks_match_one_process(tmp_path, tiny_corpus):
     out = _mpirun(2, tiny_model_args(tmp_path, corpus, tok, *common, "--expert-model-parallel-size", "2",
                                      "--metrics-file", str(two)))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "Discovered MPI settings of world_rank=1" in out.stdout + out.stderr  # DeepSpeed's discovery
+    # EP=2 needs a world of 2: each rank running alone (world 1) would stop at the layout check
+    assert "does not divide the world size" not in out.stderr
     want = [r["lm_loss"] for r in read_metrics(one, "train")]
     got = [r["lm_loss"] for r in read_metrics(two, "train")]
     assert len(got) == len(want) == 3

@@ -30,7 +30,10 @@ def test_a_node_local_directory_fails_on_every_rank_naming_the_blind_one(tmp_pat
     for rank1 in (tmp_path / "b" / "rank1",):
         rank1.mkdir(parents=True)
     out = run_fn(2, 1, check, (str(tmp_path / "b"), True, True), tmp_path / "out")
-    assert out[0] == out[1] and "is not on a filesystem every node shares: rank 1 on" in out[0]
+    for rank, message in enumerate(out):  # every rank fails, each naming its own path and the blind rank
+        assert f"--save {tmp_path / 'b' / f'rank{rank}'} is not on a filesystem every node shares: rank 1 on" \
+            in message, message
+        assert "rank 0 on" not in message
 
 
 def test_a_missing_load_directory_is_left_to_the_load_error(tmp_path):
