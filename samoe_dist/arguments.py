@@ -16,6 +16,7 @@ import typing
 from typing import Optional, Sequence
 
 from samoe_dist.config import (
+    flag_name,
     ConfigError,
     DataConfig,
     MoEConfig,
@@ -37,10 +38,6 @@ GROUPS = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _add_dataclass_group(parser: argparse.ArgumentParser, title: str, cls) -> None:
     group = parser.add_argument_group(title, (cls.__doc__ or "").strip())
     hints = typing.get_type_hints(cls)
@@ -48,11 +45,11 @@ def _add_dataclass_group(parser: argparse.ArgumentParser, title: str, cls) -> No
         hint = hints[f.name]
         help_text = f.metadata.get("help", "")
         if hint is bool:
-            group.add_argument(_flag(f.name), dest=f.name, action="store_true", default=f.default,
+            group.add_argument(flag_name(f.name), dest=f.name, action="store_true", default=f.default,
                                help=help_text)
             if f.default:
                 group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
-                                   action="store_false", help=f"Turn off {_flag(f.name)}.")
+                                   action="store_false", help=f"Turn off {flag_name(f.name)}.")
             continue
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if args else hint
@@ -61,7 +58,7 @@ def _add_dataclass_group(parser: argparse.ArgumentParser, title: str, cls) -> No
             kwargs.update(nargs="+", type=str)
         else:
             kwargs.update(type=base, metavar=base.__name__.upper())
-        group.add_argument(_flag(f.name), **kwargs)
+        group.add_argument(flag_name(f.name), **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from samoe_dist.config import ConfigError, RunConfig
+from samoe_dist.config import ConfigError, RunConfig, flag_name
 from samoe_dist.init import canonical_name
 from samoe_dist.model import is_expert_parallel, is_pool_shard
 
@@ -128,20 +128,19 @@ OPT_SCHEDULE_FIELDS = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _field_diffs(saved: dict, cfg: RunConfig, fields: dict) -> list[tuple]:
+    """(group, field, checkpoint value, command-line value) of each of ``fields`` ({group: names})
+    whose value in the saved config differs from ``cfg``'s."""
+    now = cfg.to_dict()
+    return [(group, name, saved.get(group, {}).get(name), now[group].get(name))
+            for group, names in fields.items() for name in names
+            if saved.get(group, {}).get(name) != now[group].get(name)]
 
 
 def opt_schedule_diffs(saved: dict, cfg: RunConfig) -> list[tuple]:
-    """(group, field, checkpoint value, command-line value) of each optimizer/schedule flag that differs."""
-    now = cfg.to_dict()
-    out = []
-    for group, fields in OPT_SCHEDULE_FIELDS.items():
-        for name in fields:
-            a, b = saved.get(group, {}).get(name), now[group].get(name)
-            if a is not None and a != b:
-                out.append((group, name, a, b))
-    return out
+    """The optimizer/schedule flags that differ from the checkpoint's (fields it does not record
+    are not compared)."""
+    return [d for d in _field_diffs(saved, cfg, OPT_SCHEDULE_FIELDS) if d[2] is not None]
 
 
 def _resolve_opt_schedule(trainer, diffs: list[tuple], source: str) -> None:
@@ -150,7 +149,7 @@ def _resolve_opt_schedule(trainer, diffs: list[tuple], source: str) -> None:
     if not diffs:
         return
     tr = trainer.cfg.training
-    listing = "; ".join(f"{_flag(name)} checkpoint {a}, now {b}" for _, name, a, b in diffs)
+    listing = "; ".join(f"{flag_name(name)} checkpoint {a}, now {b}" for _, name, a, b in diffs)
     if tr.use_checkpoint_opt_param_scheduler:
         for group, name, a, _ in diffs:
             setattr(getattr(trainer.cfg, group), name, a)
@@ -164,7 +163,8 @@ def _resolve_opt_schedule(trainer, diffs: list[tuple], source: str) -> None:
 
 
 def _apply_opt_schedule(trainer) -> None:
-    """After loading: the command line's values into every optimizer group and the LR scheduler."""
+    """After loading: the command line's values into every optimizer group and the LR scheduler
+    (the Trainer always gives the engine one, samoe_dist.optim.make_scheduler)."""
     from samoe_dist.optim import lr_at
 
     cfg, tr = trainer.cfg, trainer.cfg.training
@@ -176,10 +176,8 @@ def _apply_opt_schedule(trainer) -> None:
             g["weight_decay"] = tr.weight_decay
         g["betas"] = (tr.adam_beta1, tr.adam_beta2)
         g["eps"] = tr.adam_eps
-        g["initial_lr"] = base
-        if sched is not None:
-            sched.base_lrs[i] = base
-        g["lr"] = base * lr_at(max(trainer.iteration - 1, 0) if sched is None else sched.last_epoch, tr) / tr.lr
+        g["initial_lr"] = sched.base_lrs[i] = base
+        g["lr"] = base * lr_at(sched.last_epoch, tr) / tr.lr
 
 
 def data_fingerprint(cfg: RunConfig) -> dict:
@@ -308,9 +306,8 @@ def check_shared_filesystem(path: str, what: str, create: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
     _barrier()
-    seen = [os.path.isfile(probe)]
     everyone = [None] * world
-    dist.all_gather_object(everyone, (seen[0], socket.gethostname()))  # every rank has looked
+    dist.all_gather_object(everyone, (os.path.isfile(probe), socket.gethostname()))  # every rank has looked
     if rank == 0:
         os.remove(probe)
     _barrier()  # the probe is gone when any rank returns
@@ -385,13 +382,7 @@ def _pool_of(model: torch.nn.Module):
 
 def check_config(saved: dict, cfg: RunConfig, source: str) -> list[str]:
     """Raise ConfigError listing every shape-defining field that differs from the checkpoint."""
-    now = cfg.to_dict()
-    diffs = []
-    for group, fields in SHAPE_FIELDS.items():
-        for name in fields:
-            a, b = saved.get(group, {}).get(name), now[group].get(name)
-            if a != b:
-                diffs.append(f"--{name.replace('_', '-')}: checkpoint {a}, now {b}")
+    diffs = [f"{flag_name(name)}: checkpoint {a}, now {b}" for _, name, a, b in _field_diffs(saved, cfg, SHAPE_FIELDS)]
     if diffs:
         raise ConfigError(f"checkpoint {source} does not match this model: " + "; ".join(diffs)
                           + " (use the checkpoint's values, or start without --load)")

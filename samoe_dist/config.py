@@ -120,6 +120,11 @@ class MoEConfig:
                  f"{self.moe_token_dispatcher_type!r}")
 
 
+def flag_name(field: str) -> str:
+    """The command-line flag of a config field: ``foo_bar`` -> ``--foo-bar`` (Megatron's spelling)."""
+    return "--" + field.replace("_", "-")
+
+
 POOL_SHARDING_CHOICES = ("replicated", "sharded")
 
 

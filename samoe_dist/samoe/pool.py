@@ -176,15 +176,7 @@ class ExpertPool(torch.nn.Module):
     def full_tensors(self) -> tuple:
         """(w1_PHF, w2_PFH, w3_PHF or None) whole and detached (a collective over the shard group
         when sharded)."""
-        out = []
-        for w, shape in zip(self.tensors(), self.expert_shapes()):
-            if w is None:
-                out.append(None)
-            elif self.shard is None:
-                out.append(w.detach())
-            else:
-                out.append(gather_columns(w.detach(), self.shard).view(self.pool_size, *shape))
-        return tuple(out)
+        return tuple(None if w is None else self.gather_full(w) for w in self.tensors())
 
     def parameter_names(self) -> dict:
         """{id(tensor): (attribute, full per-expert shape)} of the stored pool tensors."""
