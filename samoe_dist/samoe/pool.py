@@ -21,7 +21,9 @@ Gradient sink (:class:`PoolGradSink`): the pool is used by every MoE layer; lett
 layers' full-size pool gradients costs one [P, D] temporary and one add per layer. Instead each
 forward passes the pool through one :class:`_PoolGate`; every layer's backward accumulates its
 A^T dW into the sink's buffer in place (``addmm_``), and the gate hands that buffer to autograd once
-per backward, so DeepSpeed's gradient hooks fire once per pool tensor and micro-batch.
+per backward, so DeepSpeed's gradient hooks fire once per pool tensor and micro-batch. The buffer
+is allocated late (as long as the layers' kept factors are smaller than it): not at the start of
+backward, where the activations peak.
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ class ExpertPool(torch.nn.Module):
         if not (torch.is_grad_enabled() and self.w1.requires_grad):
             return self.tensors(), None
         if self._live is None or self._live[1].consumed:
-            sink = PoolGradSink(len([w for w in self.tensors() if w is not None]))
+            sink = PoolGradSink(len([w for w in self.tensors() if w is not None]), self.pool_size)
             views = iter(_PoolGate.apply(sink, *[w for w in self.tensors() if w is not None]))
             self._live = (tuple(None if w is None else next(views) for w in self.tensors()), sink)
         return self._live
@@ -240,30 +242,51 @@ def reduce_scatter_columns(full_RD: torch.Tensor, shard: PoolShard) -> torch.Ten
 
 class PoolGradSink:
     """The pool's gradient of one backward, one buffer per pool tensor, filled in place by every
-    layer (see the module docstring)."""
+    layer (see the module docstring).
 
-    __slots__ = ("grads", "consumed")
+    The [P, D] buffer is allocated late: a layer's ``A^T dW`` is kept as its factors (A [n, P] and
+    dW [n, D]) while the factors kept for that tensor hold no more than P rows, and summed into the
+    buffer when one more would exceed it, or when the gate takes the gradient. So the buffer is
+    not held at the start of backward, where the activations peak, and what is kept instead never
+    outgrows it; the sum is the same, in the same order (backward's layer order)."""
 
-    def __init__(self, count: int):
+    __slots__ = ("grads", "pending", "rows", "consumed")
+
+    def __init__(self, count: int, rows: int):
         self.grads: list = [None] * count
+        self.pending: list = [[] for _ in range(count)]
+        self.rows = rows  # P: the buffer's rows
         self.consumed = False
 
     def add_mm(self, index: int, A_nP: torch.Tensor, dW_nD: torch.Tensor) -> None:
         """grad[index] += A_nP^T @ dW_nD (the [P, D] gradient of a materialisation)."""
-        g = self.grads[index]
-        if g is None:
-            self.grads[index] = A_nP.t() @ dW_nD
-        else:
-            g.addmm_(A_nP.t(), dW_nD)
+        pending = self.pending[index]
+        if self.grads[index] is None and sum(a.shape[0] for a, _ in pending) + A_nP.shape[0] <= self.rows:
+            pending.append((A_nP, dW_nD))
+            return
+        pending.append((A_nP, dW_nD))
+        self._flush(index)
+
+    def _flush(self, index: int) -> None:
+        pending, g = self.pending[index], self.grads[index]
+        while pending:
+            A_nP, dW_nD = pending.pop(0)  # each kept dW is freed once added
+            if g is None:
+                g = self.grads[index] = A_nP.t() @ dW_nD
+            else:
+                g.addmm_(A_nP.t(), dW_nD)
+            del A_nP, dW_nD
 
     def add_rows(self, index: int, lo: int, dW_nD: torch.Tensor, like: torch.Tensor) -> None:
         """grad[index][lo:lo+n] += dW_nD (experts used as they are: shared routing)."""
+        self._flush(index)  # keep backward's order if both kinds of use meet in one tensor
         g = self.grads[index]
         if g is None:
             g = self.grads[index] = torch.zeros(like.shape[0], dW_nD.shape[1], dtype=like.dtype, device=like.device)
         g[lo:lo + dW_nD.shape[0]].add_(dW_nD)
 
     def take(self, index: int):
+        self._flush(index)
         g, self.grads[index] = self.grads[index], None
         return g
 

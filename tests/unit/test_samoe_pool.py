@@ -261,6 +261,47 @@ def test_layers_accumulate_the_pool_gradient_into_one_buffer(seeded, monkeypatch
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in pool.tensors())
 
 
+def test_sink_allocates_its_buffer_late_and_sums_like_the_eager_buffer():
+    """The sink keeps each layer's factors (A [n, P], dW [n, D]) while they hold no more than P
+    rows, so no [P, D] buffer exists at the start of backward; once one more layer would exceed P
+    rows (or the gate takes the gradient) it sums them in backward's order. The result is bitwise
+    the eager one: the same matmul and addmm_ calls on the same operands, in the same order."""
+    from samoe_dist.samoe.pool import PoolGradSink
+
+    P, D, n, layers = 8, 6, 3, 5
+    g = torch.Generator().manual_seed(0)
+    factors = [(torch.randn(n, P, generator=g), torch.randn(n, D, generator=g)) for _ in range(layers)]
+    eager = factors[0][0].t() @ factors[0][1]
+    for A, dW in factors[1:]:
+        eager.addmm_(A.t(), dW)
+
+    sink = PoolGradSink(1, P)
+    for k, (A, dW) in enumerate(factors):
+        sink.add_mm(0, A, dW)
+        kept_rows = (k + 1) * n
+        assert (sink.grads[0] is None) == (kept_rows <= P), k  # late: only once P rows are exceeded
+    assert not sink.pending[0] or sink.grads[0] is not None
+    out = sink.take(0)
+    assert torch.equal(out, eager)
+    assert sink.grads[0] is None and not sink.pending[0]
+
+    few = PoolGradSink(1, P)  # fewer rows than P in all: the buffer appears only when taken
+    for A, dW in factors[:2]:
+        few.add_mm(0, A, dW)
+    assert few.grads[0] is None
+    two = factors[0][0].t() @ factors[0][1]
+    two.addmm_(factors[1][0].t(), factors[1][1])
+    assert torch.equal(few.take(0), two)
+
+    mixed = PoolGradSink(1, P)  # kept factors are summed before rows are added: backward's order
+    mixed.add_mm(0, *factors[0])
+    rows = torch.randn(2, D, generator=g)
+    mixed.add_rows(0, 1, rows, like=torch.empty(P, D))
+    expected = factors[0][0].t() @ factors[0][1]
+    expected[1:3].add_(rows)
+    assert torch.equal(mixed.take(0), expected)
+
+
 def test_pool_values_do_not_depend_on_the_sharding():
     """Each rank of a column-sharded pool holds exactly its columns of the pool an unsharded run
     draws from the same seed (every expert drawn whole on the CPU from its own generator)."""
