@@ -42,7 +42,9 @@ account of one train_step (``profile_memory``): the peak of the bytes allocated 
 its start (activations, gradients, temporaries; the resting parameters and optimizer state are not
 in it), leaving out DeepSpeed's ZeRO gradient bucket (``reduce_bucket_size`` elements, 5e8 by
 default: a 2 GB buffer allocated and freed in every step by every system, mostly never touched),
-which ``peak_step_alloc_raw_bytes`` includes. ``rss_peak_bytes`` is the process's peak RSS
+which ``peak_step_alloc_raw_bytes`` includes. ``resting_bytes`` is what is alive between steps
+(every live tensor storage counted once: parameters, gradients, optimizer state, flat buffers) and
+``peak_total_bytes`` = resting + step peak: what a rank must hold at its peak. ``rss_peak_bytes`` is the process's peak RSS
 (ru_maxrss: imports, parameters, optimizer state, allocator caching included);
 ``rss_import_bytes`` the RSS after importing torch, megatron and DeepSpeed.
 
@@ -358,7 +360,8 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
         if name in profiles:
             prof = profiles[name]
             rec["memory"].update({k: max(p[k] for p in prof) for k in (
-                "peak_step_alloc_bytes", "peak_step_alloc_raw_bytes", "rss_peak_bytes")})
+                "peak_step_alloc_bytes", "peak_step_alloc_raw_bytes", "rss_peak_bytes", "resting_bytes",
+                "peak_total_bytes")})
             rec["memory"]["zero_reduce_bucket_elements"] = prof[0]["zero_reduce_bucket_elements"]
             rec["breakdown"] = prof[0]["breakdown"]
             rec["breakdown_ms"] = {k: round(v, 3) for k, v in prof[0]["breakdown_ms"].items()}
@@ -390,14 +393,15 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
                        "policy": policy, "numerator": s_name, "denominator": peer, "fastest_peer": peer == fastest,
                        "tokens_per_s_ratio": _paired(per_round, peer, s_name),
                        "best_step_ratio": results[peer]["step_s"]["min"] / results[s_name]["step_s"]["min"],
-                       "peak_step_alloc_ratio": _alloc_ratio(results, s_name, peer)}
+                       "peak_step_alloc_ratio": _alloc_ratio(results, s_name, peer),
+                       "peak_total_ratio": _alloc_ratio(results, s_name, peer, "peak_total_bytes")}
                 emit(rec)
                 policy_ratios.append(rec)
     return {"results": results, "ratios": ratios, "policy_ratios": policy_ratios, "peak": peak_gflops}
 
 
-def _alloc_ratio(results, num: str, den: str):
-    a, b = (results[n]["memory"].get("peak_step_alloc_bytes") for n in (num, den))
+def _alloc_ratio(results, num: str, den: str, key: str = "peak_step_alloc_bytes"):
+    a, b = (results[n]["memory"].get(key) for n in (num, den))
     return a / b if a and b else None
 
 

@@ -60,14 +60,15 @@ def markdown(config: dict, groups: list[dict]) -> str:
               f"{a.capacity_factor}: DeepSpeed MoE (dsmoe), the same-kernel MoE with megatron's capacity (gmoe-cf). "
               "**bold**: the fastest peer of that policy in the layout.", "",
               "| layout | dtype | policy | SaMoE | over | tokens/s ratio median [min, max] | ratio of the best steps "
-              "| peak step alloc ratio |", "|---|---|---|---|---|---|---|---|"]
+              "| peak step alloc ratio | peak total (resting + step) ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         for r in g.get("policy_ratios", []):
             t = r["tokens_per_s_ratio"]
             peer = f"**{r['denominator']}**" if r["fastest_peer"] else r["denominator"]
             alloc = "-" if r.get("peak_step_alloc_ratio") is None else f"{r['peak_step_alloc_ratio']:.2f}"
+            total = "-" if r.get("peak_total_ratio") is None else f"{r['peak_total_ratio']:.2f}"
             lines.append(f"| {_layout(r)} | {r['dtype']} | {r['policy']} | {r['numerator']} | {peer} | "
-                         f"{t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}] | {r['best_step_ratio']:.3f} | {alloc} |")
+                         f"{t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}] | {r['best_step_ratio']:.3f} | {alloc} | {total} |")
     lines += ["", "## Headline: SaMoE / megatron MoE tokens/s (per-round paired ratios)", "",
               "| layout | dtype | glibc malloc env | median | min | max | ratio of the best steps |",
               "|---|---|---|---|---|---|---|"]

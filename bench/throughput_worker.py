@@ -37,6 +37,29 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage alive in this process, each storage counted once (the resting
+    state between steps: parameters, gradients, optimizer state and DeepSpeed's flat buffers,
+    whichever library holds them)."""
+    import gc
+
+    import torch
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.is_meta:
+                continue
+            st = obj.untyped_storage()
+        except Exception:  # noqa: BLE001 - objects that half-look like tensors (proxies, fakes)
+            continue
+        key = (st.device.type, st.data_ptr())
+        if st.data_ptr() and key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total
+
+
 class SyntheticData:
     """``micro_batch`` of the Trainer's data interface over a few fixed random batches per rank."""
 
@@ -137,6 +160,7 @@ def _profile(trainer, steps: int) -> dict:
     fractions = [step_breakdown.summarise(r) for r in results]
     breakdown = {c: statistics.median(f[c] for f in fractions) for c in fractions[0]}
     typical = sorted(results, key=lambda r: r["step_ms"])[len(results) // 2]
+    resting = live_tensor_bytes()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         trainer.train_step()
     bucket = trainer.engine.zero_reduce_bucket_size() if trainer.engine.zero_optimization_stage() else 0
@@ -146,6 +170,7 @@ def _profile(trainer, steps: int) -> dict:
             "profiled_step_ms": statistics.median(r["step_ms"] for r in results),
             "top_ops": typical["top_ops"], "peak_step_alloc_bytes": no_bucket,
             "peak_step_alloc_raw_bytes": raw, "zero_reduce_bucket_elements": bucket,
+            "resting_bytes": resting, "peak_total_bytes": resting + no_bucket,
             "rss_peak_bytes": _peak_rss_bytes(), "rss_bytes": _rss_bytes()}
 
 

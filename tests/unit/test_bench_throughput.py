@@ -50,6 +50,10 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
         mem = r["memory"]
         assert 0 < mem["peak_step_alloc_bytes"] <= mem["peak_step_alloc_raw_bytes"]
         assert mem["rss_peak_bytes"] > mem["rss_import_bytes"] > 0
+        # resting state: at least the parameters (fp32) and Adam's two moments of each
+        n_params = r["params"]["total"]
+        assert mem["resting_bytes"] >= 3 * 4 * n_params
+        assert mem["peak_total_bytes"] == mem["resting_bytes"] + mem["peak_step_alloc_bytes"]
         assert set(r["breakdown"]) >= {"materialise fwd", "materialise bwd", "router", "dispatch/permute",
                                        "expert GEMMs", "attention", "optimizer+reduce", "other"}
         assert 0.5 < sum(r["breakdown"].values()) < 1.0 + 1e-6
@@ -74,6 +78,8 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     fastest = min(("moe", "gmoe"), key=lambda n: results[n]["step_s"]["median"])
     assert [n for n, r in policy.items() if r["fastest_peer"]] == [fastest]
     assert policy["gmoe"]["best_step_ratio"] == results["gmoe"]["step_s"]["min"] / results["samoe"]["step_s"]["min"]
+    mems = {n: results[n]["memory"] for n in ("samoe", "gmoe")}
+    assert policy["gmoe"]["peak_total_ratio"] == mems["samoe"]["peak_total_bytes"] / mems["gmoe"]["peak_total_bytes"]
 
     report = md.read_text()
     assert "| 1x1 | fp32 | samoe |" in report and "| 1x1 | fp32 | gmoe |" in report
@@ -142,3 +148,24 @@ def test_same_kernel_peer_is_megatrons_moe(tmp_path):
     assert abs(res["losses"][0] - res["losses"][1]) <= 1e-6 * abs(res["losses"][0])
     assert res["grad_diff"] <= 1e-5
     assert res["norm_diff"] <= 1e-5  # the per-expert gradient norms the trainer logs, for stacked experts too
+
+
+def test_live_tensor_bytes_counts_each_storage_once():
+    """The resting-state measure sees a new tensor's bytes, counts a view of it no second time,
+    and stops counting it once it is freed."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from throughput_worker import live_tensor_bytes
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    before = live_tensor_bytes()
+    big = torch.zeros(1000, 257, dtype=torch.float32)  # 1028000 bytes
+    views = [big[1:], big.t(), big.view(-1)]
+    with_big = live_tensor_bytes()
+    del big, views
+    after = live_tensor_bytes()
+    # nothing else allocates a tensor in between: the differences are exactly our storage
+    assert with_big - before == 1000 * 257 * 4
+    assert with_big - after == 1000 * 257 * 4
