@@ -1,4 +1,4 @@
-"""Convert samoe checkpoints: to another parallel layout, to a plain PyTorch model, and back.
+"""Convert samoe checkpoints: to another parallel layout, to a plain PyTorch model, to and from Hugging Face.
 
     # weights-only copy of the newest checkpoint, loadable at any EP size / world size
     python tools/convert_checkpoint.py reshard --load runs/a/ckpt --save runs/a/ckpt_ep1 \\
@@ -7,6 +7,10 @@
     python tools/convert_checkpoint.py export --load runs/a/ckpt --output exported/model.safetensors
     # a plain model back into a weights-only training checkpoint (then: pretrain_samoe.py --load ...)
     python tools/convert_checkpoint.py import --input exported/model.safetensors --save runs/b/ckpt
+    # a Hugging Face folder: AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True), AutoTokenizer
+    python tools/convert_checkpoint.py export-hf --load runs/a/ckpt --output hf/a [--format mixtral] [--overwrite]
+    # a Mixtral folder into a weights-only standard-MoE checkpoint (trains at any EP size)
+    python tools/convert_checkpoint.py import-hf --input mixtral_dir --save runs/c/ckpt
 
 ``--load`` takes a run's --save directory (its ``latest`` checkpoint) or one ``iter_*`` directory.
 A weights-only checkpoint resumes with a fresh optimizer at iteration 0; give the trainer the
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from samoe_dist.config import ConfigError  # noqa: E402
 from samoe_dist.export.convert import ConversionError, export, import_plain, reshard  # noqa: E402
+from samoe_dist.export.hf.convert import FORMATS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import", help="a plain model back into a weights-only training checkpoint")
     i.add_argument("--input", required=True, help="X.safetensors with X.json next to it, or their directory")
     i.add_argument("--save", required=True, help="new (or empty) directory for the checkpoint")
+    h = sub.add_parser("export-hf", help="a Hugging Face model folder (samoe's own code, or Mixtral)")
+    h.add_argument("--load", required=True, help="a run's --save directory, or one iter_* directory in it")
+    h.add_argument("--output", required=True, help="the folder to write")
+    h.add_argument("--format", default="samoe", choices=FORMATS,
+                   help="samoe: any model, loads with trust_remote_code=True (default); mixtral: transformers' own "
+                        "MixtralForCausalLM, for a model with experts in every layer, RMSNorm, SwiGLU, RoPE and "
+                        "--no-moe-router-pre-softmax (SaMoE experts materialised)")
+    h.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output folder")
+    h.add_argument("--tokenizer-model", default=None, help="SentencePiece model (default: the one the run recorded)")
+    h.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocab.json (with --merge-file)")
+    h.add_argument("--merge-file", default=None, help="GPT-2 BPE merges.txt (with --vocab-file)")
+    m = sub.add_parser("import-hf", help="a Hugging Face Mixtral folder into a weights-only standard-MoE checkpoint")
+    m.add_argument("--input", required=True, help="the folder (config.json, model.safetensors)")
+    m.add_argument("--save", required=True, help="new (or empty) directory for the checkpoint")
     return parser
 
 
@@ -59,9 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             weights, config = export(args.load, args.output, overwrite=args.overwrite)
             print(f"wrote {weights} and {config}")
-        else:
+        elif args.command == "import":
             tag = import_plain(args.input, args.save)
             print(f"wrote {tag} (weights only): --load {args.save}")
+        elif args.command == "export-hf":
+            from samoe_dist.export.hf.convert import export_hf
+
+            out = export_hf(args.load, args.output, overwrite=args.overwrite, fmt=args.format,
+                            tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file, merge_file=args.merge_file)
+            print(f"wrote {out} ({args.format} format)")
+        else:
+            from samoe_dist.export.hf.convert import import_hf
+
+            tag = import_hf(args.input, args.save)
+            print(f"wrote {tag} (weights only, standard MoE): --load {args.save}")
     except (ConversionError, ConfigError, FileNotFoundError, OSError) as exc:
         print(f"convert_checkpoint.py {args.command}: error: {exc}", file=sys.stderr)
         return 2
