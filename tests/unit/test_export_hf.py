@@ -213,6 +213,7 @@ def _tool():
 
 
 def _error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()  # what the test printed before (transformers' progress bars)
     assert _tool().main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("convert_checkpoint.py"), err
@@ -240,3 +241,80 @@ def test_export_hf_command_line(seeded, tmp_path, tokenizer64, tiny_corpus, caps
     err = _error(capsys, ["export-hf", "--load", ckpt, "--output", str(tmp_path / "m"), "--format", "mixtral",
                           "--tokenizer-model", str(tokenizer64)])
     assert "is not a Mixtral model" in err and "--format samoe" in err
+
+
+# -- import-hf: a Mixtral folder into a training checkpoint ---------------------------------------------
+def tiny_mixtral(folder: Path, vocab: int = 64, max_positions: int = 16, fused: bool = False, **overrides):
+    """A random MixtralForCausalLM with the tiny training model's shapes, every weight perturbed
+    (so norms and routers matter), saved to ``folder``; returns the model. ``fused``: rewrite the
+    experts in transformers 5's in-memory layout (gate_up_proj / down_proj)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=max_positions, rms_norm_eps=1e-5,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, num_local_experts=4,
+                  num_experts_per_tok=2, tie_word_embeddings=False)
+    with torch.random.fork_rng():  # the same random model at every call
+        torch.manual_seed(5)
+        model = MixtralForCausalLM(MixtralConfig(**{**config, **overrides})).eval()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(folder))
+    if fused:
+        state = load_file(str(folder / "model.safetensors"))
+        for i in range(2):
+            m = f"model.layers.{i}."
+            x = [f"{m}block_sparse_moe.experts.{e}." for e in range(4)]
+            state[f"{m}mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([state.pop(f"{p}w1.weight"), state.pop(f"{p}w3.weight")]) for p in x])
+            state[f"{m}mlp.experts.down_proj"] = torch.stack([state.pop(f"{p}w2.weight") for p in x])
+            state[f"{m}mlp.gate.weight"] = state.pop(f"{m}block_sparse_moe.gate.weight")
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return model
+
+
+def test_import_hf_keeps_the_mixtral_logits(seeded, tmp_path):
+    from safetensors.torch import load_file
+
+    from samoe_dist.checkpoint import load_consolidated_state
+    from samoe_dist.export.hf.convert import import_hf
+
+    mixtral = tiny_mixtral(tmp_path / "mixtral")
+    tag = import_hf(str(tmp_path / "mixtral"), str(tmp_path / "ckpt"))
+    assert sorted(p.name for p in tag.iterdir()) == ["config.json", "model.safetensors"]  # weights only
+    saved = json.loads((tag / "config.json").read_text())
+    assert saved["moe"]["num_experts"] == 4 and saved["moe"]["moe_router_pre_softmax"] is False
+    model, cfg, groups = build_training_model(MIXTRAL[:2] + MIXTRAL[4:] + ["--untie-embeddings-and-output-weights"])
+    load_consolidated_state(model, cfg, groups, load_file(str(tag / "model.safetensors")), "imported")
+    x = tokens()
+    with torch.no_grad():
+        want = mixtral(x).logits
+        torch.testing.assert_close(model.logits(x), want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+    # transformers 5's own expert layout imports to the same checkpoint
+    tiny_mixtral(tmp_path / "fused", fused=True)
+    fused = import_hf(str(tmp_path / "fused"), str(tmp_path / "ckpt_fused"))
+    a, b = load_file(str(tag / "model.safetensors")), load_file(str(fused / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_import_hf_refuses_what_the_trainer_cannot_build(seeded, tmp_path, capsys):
+    tiny_mixtral(tmp_path / "gqa", num_key_value_heads=2, rope_parameters={"rope_type": "default",
+                                                                           "rope_theta": 1e6})
+    err = _error(capsys, ["import-hf", "--input", str(tmp_path / "gqa"), "--save", str(tmp_path / "a")])
+    assert "num_key_value_heads 2 != num_attention_heads 4" in err and "rope_theta 1000000.0" in err
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    err = _error(capsys, ["import-hf", "--input", str(tmp_path / "other"), "--save", str(tmp_path / "a")])
+    assert "model_type 'llama'" in err and "Mixtral" in err
+    tiny_mixtral(tmp_path / "ok")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    err = _error(capsys, ["import-hf", "--input", str(tmp_path / "ok"), "--save", str(tmp_path / "full")])
+    assert "already exists and is not empty" in err
+    (tmp_path / "ok" / "model.safetensors").write_bytes(b"garbage")
+    err = _error(capsys, ["import-hf", "--input", str(tmp_path / "ok"), "--save", str(tmp_path / "a")])
+    assert "not a readable safetensors file" in err
