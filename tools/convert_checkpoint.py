@@ -11,6 +11,8 @@
     python tools/convert_checkpoint.py export-hf --load runs/a/ckpt --output hf/a [--format mixtral] [--overwrite]
     # a Mixtral folder into a weights-only standard-MoE checkpoint (trains at any EP size)
     python tools/convert_checkpoint.py import-hf --input mixtral_dir --save runs/c/ckpt
+    # a standard MoE's L*N experts as a pool of P + combination logits (a SaMoE checkpoint that trains on)
+    python tools/convert_checkpoint.py compress --load runs/moe/ckpt --pool-size 16 --save runs/samoe/ckpt
 
 ``--load`` takes a run's --save directory (its ``latest`` checkpoint) or one ``iter_*`` directory.
 A weights-only checkpoint resumes with a fresh optimizer at iteration 0; give the trainer the
@@ -65,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("import-hf", help="a Hugging Face Mixtral folder into a weights-only standard-MoE checkpoint")
     m.add_argument("--input", required=True, help="the folder (config.json, model.safetensors)")
     m.add_argument("--save", required=True, help="new (or empty) directory for the checkpoint")
+    c = sub.add_parser("compress", help="a standard-MoE checkpoint as a SaMoE one: k-means pool of P experts and "
+                                        "simplex-fitted combinations; reports the reconstruction error per layer")
+    c.add_argument("--load", required=True, help="a standard-MoE run's --save directory, or one iter_* directory")
+    c.add_argument("--pool-size", type=int, required=True, help="P, from 1 to MoE layers x experts (that: exact)")
+    c.add_argument("--save", required=True, help="new (or empty) directory for the weights-only SaMoE checkpoint")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save")
+    c.add_argument("--samoe-combination", default="softmax", choices=("softmax", "linear"),
+                   help="softmax: logits tau*ln(weight) (default); linear: the weights themselves")
+    c.add_argument("--samoe-temperature", type=float, default=1.0, help="tau of the softmax combinations (default 1)")
+    c.add_argument("--min-weight", type=float, default=0.0,
+                   help="floor on each softmax weight before the log, so every entry can still move in training "
+                        "(default 0: zero weights stay exactly zero, and so get no gradient)")
+    c.add_argument("--seed", type=int, default=0, help="k-means++ seed (default 0)")
     return parser
 
 
@@ -87,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
             out = export_hf(args.load, args.output, overwrite=args.overwrite, fmt=args.format,
                             tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file, merge_file=args.merge_file)
             print(f"wrote {out} ({args.format} format)")
+        elif args.command == "compress":
+            from samoe_dist.export.compress import compress
+
+            tag, errors = compress(args.load, args.pool_size, args.save, overwrite=args.overwrite,
+                                   mode=args.samoe_combination, temperature=args.samoe_temperature,
+                                   min_weight=args.min_weight, seed=args.seed)
+            print(f"wrote {tag} (weights only, SaMoE with a pool of {args.pool_size}): --load {args.save}")
+            print("relative reconstruction error per MoE layer: " + ", ".join(f"{e:.6f}" for e in errors))
         else:
             from samoe_dist.export.hf.convert import import_hf
 

@@ -220,9 +220,11 @@ def import_plain(input_path: str, save: str, tag: str = "iter_0000000") -> Path:
 
 
 def write_weights_only(plain: dict, cfg: PlainGPTConfig, save: str, base: Optional[dict], source: dict,
-                       tag: str = "iter_0000000") -> Path:
+                       tag: str = "iter_0000000", extra: Optional[dict] = None) -> Path:
     """The plain state dict ``plain`` as a weights-only checkpoint ``save/<tag>`` (config.json from
-    ``cfg`` and ``base``, the training config sections to keep; ``source`` recorded as converted_from)."""
+    ``cfg`` and ``base``, the training config sections to keep; ``source`` recorded as converted_from,
+    where an ``iteration`` and ``consumed_samples`` make the trainer continue that data stream;
+    ``extra``: more top-level entries, such as the source's ``data_fingerprint``)."""
     from safetensors.torch import save_file
 
     run = run_config(cfg, base)
@@ -231,6 +233,7 @@ def write_weights_only(plain: dict, cfg: PlainGPTConfig, save: str, base: Option
 
     def write(new: Path) -> None:
         save_file(state, str(new / WEIGHTS), metadata=METADATA)
-        _write_json(new / CONFIG, {**run, "layout": {"world_size": 1, "ep_size": 1}, "converted_from": source})
+        _write_json(new / CONFIG, {**run, **(extra or {}), "layout": {"world_size": 1, "ep_size": 1},
+                                   "converted_from": source})
 
     return _publish_checkpoint(Path(save), tag, write)
