@@ -148,6 +148,29 @@ def test_hf_tokenizer_encodes_as_the_training_tokenizer(tmp_path, tiny_corpus):
     assert Tokenizer(byte).encode("😀") != Tokenizer(small).encode("😀")  # the byte pieces were exercised
 
 
+def test_hf_tokenizer_from_gpt2_bpe_files(tmp_path):
+    """GPT-2's vocab.json + merges.txt (--vocab-file/--merge-file runs) become a byte-level fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    from samoe_dist.data.gpt2_bpe import GPT2BPETokenizer
+    from samoe_dist.data.testing import write_gpt2_files
+    from samoe_dist.data.tokenizers import TokenizerSpec
+    from samoe_dist.export.hf.convert import hf_tokenizer
+
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "k"), ("i", "n"), ("Ġk", "in"), ("Ġkin", "g")]
+    vocab, merge_file = write_gpt2_files(tmp_path, merges)
+    ours = GPT2BPETokenizer(vocab, merge_file)
+    hf_tokenizer(ours, TokenizerSpec(vocab_file=str(vocab), merge_file=str(merge_file)), 64).save_pretrained(
+        str(tmp_path / "out"))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert hf.eos_token_id == ours.eod == ours.vocab_size - 1
+    for text in ("It's the king's 12 crowns!\n\n  Café ☃ 日本  \t", " the king", "<|endoftext|> as text",
+                 "I'll see 42 kings²,  now!"):
+        ids = hf.encode(text, add_special_tokens=False)
+        assert ids == ours.encode(text) and hf.decode(ids) == text
+    assert len(hf.encode(" the king", add_special_tokens=False)) == 2  # the merges applied
+
+
 def test_exported_folder_loads_with_only_torch_and_transformers(seeded, tmp_path, tokenizer64):
     """Loaded from the folder alone: no samoe_dist, megatron or DeepSpeed module is imported."""
     model, out = hf_folder(tmp_path, CASES["samoe-top-m-swiglu-learned-rmsnorm"], tokenizer64, name="alone_hf")

@@ -70,11 +70,17 @@ def hf_tokenizer(tokenizer, spec, max_length: int):
     from transformers import PreTrainedTokenizerFast
 
     if spec.kind == "GPT2BPETokenizer":
-        from transformers import GPT2TokenizerFast
+        from tokenizers import Tokenizer, decoders, pre_tokenizers
+        from tokenizers.models import BPE
 
-        eod = "<|endoftext|>"
-        hf = GPT2TokenizerFast(vocab_file=spec.vocab_file, merges_file=spec.merge_file, unk_token=eod, bos_token=eod,
-                               eos_token=eod, pad_token=eod, add_prefix_space=False, model_max_length=max_length)
+        from samoe_dist.data.gpt2_bpe import EOD_TOKEN
+
+        backend = Tokenizer(BPE.from_file(str(spec.vocab_file), str(spec.merge_file)))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        hf = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=EOD_TOKEN, eos_token=EOD_TOKEN,
+                                     pad_token=EOD_TOKEN, split_special_tokens=True, clean_up_tokenization_spaces=False,
+                                     model_max_length=max_length)
     else:
         from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
@@ -281,8 +287,7 @@ def export_hf(load: str, output: str, overwrite: bool = False, fmt: str = "samoe
         hf_tok.save_pretrained(str(tmp))
         tok_config = json.loads((tmp / "tokenizer_config.json").read_text())
         # the class name every transformers version knows (5.x saves its new alias, TokenizersBackend)
-        tok_config["tokenizer_class"] = "GPT2TokenizerFast" if spec.kind == "GPT2BPETokenizer" else \
-            "PreTrainedTokenizerFast"
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
         _write_json(tmp / "tokenizer_config.json", tok_config)
         _write_json(tmp / "samoe_export.json", {"source": str(tag_dir.resolve()), "format": fmt, "kind": cfg.kind,
                                                 "training_config": {k: run[k] for k in
