@@ -86,6 +86,11 @@ def test_hf_model_reproduces_training_logits(seeded, tmp_path, tokenizer64, case
     assert got.shape == want.shape == (3, 16, 64)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(no_cache, got)
+    # labels = the inputs, shifted inside the model as transformers' causal LMs do
+    with torch.no_grad():
+        loss = hf(x, labels=x).loss
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(want[:, :-1].flatten(0, 1), x[:, 1:].flatten()),
+                               atol=1e-5, rtol=1e-5)
 
 
 def _until_eod(row: list[int], start: int, eod: int) -> list[int]:
