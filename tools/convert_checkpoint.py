@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             from samoe_dist.export.hf.convert import export_hf
 
             out = export_hf(args.load, args.output, overwrite=args.overwrite, fmt=args.format,
-                            tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file, merge_file=args.merge_file)
+                            tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
+                            merge_file=args.merge_file)
             print(f"wrote {out} ({args.format} format)")
         elif args.command == "compress":
             from samoe_dist.export.compress import compress

@@ -30,7 +30,6 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
 
 import torch
 

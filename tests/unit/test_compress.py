@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from samoe_dist.export import PlainGPT
 from samoe_dist.export.compress import compress, fit_simplex, project_simplex
-from samoe_dist.export.convert import ConversionError, export
+from samoe_dist.export.convert import export
 from samoe_dist.export.names import plain_config, to_plain
 from tests.helpers import build_training_model, write_checkpoint
 from tests.unit.test_export import tokens
@@ -109,8 +109,8 @@ def test_simplex_projection_and_fit_against_brute_force():
     proj = project_simplex(V)
     assert torch.all(proj >= 0) and torch.allclose(proj.sum(-1), torch.ones(50, dtype=torch.float64))
     # no point of a fine grid on the simplex is closer to V than its projection
-    grid = torch.tensor([[a, b, c, 20 - a - b - c] for a in range(21) for b in range(21 - a) for c in range(21 - a - b)],
-                        dtype=torch.float64) / 20
+    grid = torch.tensor([[a, b, c, 20 - a - b - c] for a in range(21) for b in range(21 - a)
+                         for c in range(21 - a - b)], dtype=torch.float64) / 20
     best = torch.cdist(V, grid).min(1).values
     assert torch.all((V - proj).norm(dim=-1) <= best + 1e-12)
     pool = torch.randn(4, 30, generator=gen, dtype=torch.float64)
@@ -140,7 +140,8 @@ def test_compress_command_line_refusals(moe_checkpoint, tmp_path, capsys):
     assert "already exists and is not empty: pass --overwrite" in err
     assert _tool().main(["compress", "--load", ckpt, "--pool-size", "2", "--save", out, "--overwrite"]) == 0
     assert (tmp_path / "samoe" / "iter_0000000" / "model.safetensors").read_bytes() != first
-    assert json.loads((tmp_path / "samoe" / "iter_0000000" / "config.json").read_text())["samoe"]["samoe_pool_size"] == 2
+    saved = json.loads((tmp_path / "samoe" / "iter_0000000" / "config.json").read_text())
+    assert saved["samoe"]["samoe_pool_size"] == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     err = _error(capsys, ["compress", "--load", out, "--pool-size", "2", "--save", str(tmp_path / "again")])
     assert "is a samoe model: compress takes a standard MoE" in err

@@ -135,7 +135,8 @@ def test_hf_tokenizer_encodes_as_the_training_tokenizer(tmp_path, tiny_corpus):
 
     corpus, small = tiny_corpus
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()[:50]]
-    texts += ["  two  spaces\n\n\ttab  ", "digits 0123456789", "unicode: naïve 漢字 😀", "</s> and <unk> as text", ""]
+    texts += ["  two  spaces\n\n\ttab  ", "digits 0123456789", "unicode: naïve 漢字 😀", "</s> and <unk> as text",
+              ""]
     byte = train_tokenizer([corpus], tmp_path / "byte", vocab_size=320, byte_fallback=True)
     for model_file in (small, byte):
         ours = Tokenizer(model_file)

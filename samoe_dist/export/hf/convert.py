@@ -25,11 +25,10 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from samoe_dist.export.names import ConversionError, to_plain, to_training
+from samoe_dist.export.names import ConversionError, to_plain
 from samoe_dist.export.plain_gpt import PlainGPTConfig, combination_weights
 
 logger = logging.getLogger("samoe")

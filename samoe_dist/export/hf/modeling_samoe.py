@@ -20,7 +20,6 @@ and batched evaluation need: a key/value cache, an attention mask (padding) and 
 """
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
