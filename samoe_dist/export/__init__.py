@@ -6,6 +6,8 @@
 - :mod:`.convert`    reshard (weights-only, any layout), export, import; used by
                      ``tools/convert_checkpoint.py``
 - :mod:`.evaluate`   the language-model loss of a plain model on token batches
+- :mod:`.hf`         Hugging Face folders: export (samoe's own code, or Mixtral), import of a Mixtral
+- :mod:`.compress`   a standard MoE's experts as a SaMoE pool and combination logits
 
 Importing this package loads only the plain model (torch).
 """

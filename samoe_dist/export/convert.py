@@ -202,7 +202,7 @@ def export(load: str, output: str, overwrite: bool = False) -> tuple[Path, Path]
 
 def import_plain(input_path: str, save: str, tag: str = "iter_0000000") -> Path:
     """A plain model's files (``X.safetensors`` + ``X.json``) as a weights-only checkpoint in ``save``."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     weights, config = paths(input_path)
     meta = read_json(config, f"the plain model's config; export writes it next to {weights.name}")
@@ -211,15 +211,29 @@ def import_plain(input_path: str, save: str, tag: str = "iter_0000000") -> Path:
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{config} is not a plain model config: {e}") from None
     check_weights(cfg, weight_shapes(weights), "plain", str(weights), str(config))
-    run = run_config(cfg, meta.get("training_config"))
+    run_config(cfg, meta.get("training_config"))  # refuses a model the trainer cannot build, before any reading
     _check_new_dir(Path(save))
-    state = to_training(load_file(str(weights)), cfg)
+    new_tag = write_weights_only(load_file(str(weights)), cfg, save, meta.get("training_config"),
+                                 {"plain_model": str(weights.resolve())}, tag)
+    logger.info("imported %s (%s model) into %s (weights only)", weights, cfg.kind, new_tag)
+    return new_tag
+
+
+def write_weights_only(plain: dict, cfg: PlainGPTConfig, save: str, base: Optional[dict], source: dict,
+                       tag: str = "iter_0000000", extra: Optional[dict] = None) -> Path:
+    """The plain state dict ``plain`` as a weights-only checkpoint ``save/<tag>`` (config.json from
+    ``cfg`` and ``base``, the training config sections to keep; ``source`` recorded as converted_from,
+    where an ``iteration`` and ``consumed_samples`` make the trainer continue that data stream;
+    ``extra``: more top-level entries, such as the source's ``data_fingerprint``)."""
+    from safetensors.torch import save_file
+
+    run = run_config(cfg, base)
+    _check_new_dir(Path(save))
+    state = to_training(plain, cfg)
 
     def write(new: Path) -> None:
         save_file(state, str(new / WEIGHTS), metadata=METADATA)
-        _write_json(new / CONFIG, {**run, "layout": {"world_size": 1, "ep_size": 1},
-                                   "converted_from": {"plain_model": str(weights.resolve())}})
+        _write_json(new / CONFIG, {**run, **(extra or {}), "layout": {"world_size": 1, "ep_size": 1},
+                                   "converted_from": source})
 
-    new_tag = _publish_checkpoint(Path(save), tag, write)
-    logger.info("imported %s (%s model) into %s (weights only)", weights, cfg.kind, new_tag)
-    return new_tag
+    return _publish_checkpoint(Path(save), tag, write)
