@@ -325,6 +325,7 @@ def expected_files(trainer, load_dir: str, tag_dir: str, world: int) -> list[str
     files = [os.path.join(tag_dir, name) for name in (WEIGHTS, CONFIG, CLIENT)]
     files += [os.path.join(tag_dir, f"rng_rank{r}.pt") for r in range(world)]
     files.append(engine._get_ckpt_name(load_dir, tag))  # the module and engine state
+    files += _expert_files(engine, load_dir, tag)
     if engine.zero_optimization_stage() > 0:
         files += [engine._get_rank_zero_ckpt_name(load_dir, tag, engine.checkpoint_mp_rank, r, engine.bfloat16_enabled())
                   for r in range(world)]
@@ -336,6 +337,21 @@ def expected_files(trainer, load_dir: str, tag_dir: str, world: int) -> list[str
     if _per_rank_optimizer_state(trainer):
         files += [os.path.join(tag_dir, f"optim_rank{r}.pt") for r in range(world)]
     return files
+
+
+def _expert_files(engine, load_dir: str, tag: str) -> list[str]:
+    """DeepSpeed's per-expert files, one per (DeepSpeed MoE module, global expert): a standard MoE at
+    EP > 1 has them through its marker (samoe_dist/ds_moe_marker.py). Numbered as the engine numbers
+    them at save and load: the MoE modules in named_modules() order, then expert-parallel rank x
+    local experts. A sharded pool's marker has no experts, so no files. Each rank reads only its own
+    experts' files: without this list a rank whose file is missing would fail alone, in a collective."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups as ds_groups
+
+    moe = [m for _, m in engine.module.named_modules() if isinstance(m, MoE)]
+    return [engine._get_expert_ckpt_name(load_dir, layer, expert, tag, checkpoint_mp_rank=engine.checkpoint_mp_rank)
+            for layer, m in enumerate(moe)
+            for expert in range(m.num_local_experts * ds_groups._get_expert_parallel_world_size(m.expert_group_name))]
 
 
 def _check_complete(trainer, load_dir: str, tag_dir: str, world: int) -> None:

@@ -12,6 +12,7 @@ from tests.helpers import read_metrics, run_launcher, start_direct, tiny_model_a
 
 SAMOE = ["--num-experts", "4", "--samoe-pool-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4",
          "--lr", "3e-3", "--eval-iters", "1", "--lr-decay-iters", "6"]  # a schedule that --train-iters does not move
+MOE = [*SAMOE[:2], *SAMOE[4:]]  # the same without the pool: a standard MoE
 
 
 def _args(tmp, corpus, tok, *extra):
@@ -203,18 +204,26 @@ def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, tiny_corpus):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("victim", ["rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                                    "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
-def test_a_missing_checkpoint_file_is_named(tmp_path, tiny_corpus, victim):
+@pytest.mark.parametrize("kind, victim", [
+    ("samoe", "rng_rank1.pt"), ("samoe", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    ("samoe", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+    # a standard MoE: DeepSpeed's per-expert file of expert 3 (layer 0: the model's one DeepSpeed MoE
+    # marker, samoe_dist/ds_moe_marker.py), which only EP rank 1 reads
+    ("moe", "layer_0_expert_3_mp_rank_00_model_states.pt"),
+])
+def test_a_missing_checkpoint_file_is_named(tmp_path, tiny_corpus, kind, victim):
     """2 ranks, EP=2, ZeRO-1: with one file of the checkpoint deleted, the resume fails before
     DeepSpeed reads anything, with one line naming that file (no gloo 'connection closed')."""
     ckpt = tmp_path / "ckpt"
-    args = _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt), "--expert-model-parallel-size", "2")
-    run = run_launcher(2, args)
+    flags = SAMOE if kind == "samoe" else MOE
+
+    def args(*extra):
+        return tiny_model_args(tmp_path, *tiny_corpus, *flags, "--expert-model-parallel-size", "2", *extra)
+
+    run = run_launcher(2, args("--train-iters", "2", "--save", str(ckpt)))
     assert run.returncode == 0, run.stderr[-3000:]
     (ckpt / "iter_0000002" / victim).unlink()
-    run = run_launcher(2, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt),
-                                "--expert-model-parallel-size", "2"))
+    run = run_launcher(2, args("--train-iters", "3", "--load", str(ckpt)))
     assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
     assert f"1 file(s) missing: {victim}" in _errors(run)[0] and "earlier complete checkpoint" in _errors(run)[0]
     assert "Connection closed" not in run.stderr and "Traceback" not in run.stderr
