@@ -47,7 +47,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CLIENT = "client_state.json"
 PARTIAL = ".partial"
-# Fault injection for tests: SIGKILL this process in the middle of the save at this iteration.
+# Fault injection for tests: SIGKILL in the middle of the save of an iteration (_fault_kill).
 FAULT_KILL_IN_SAVE = "SAMOE_FAULT_KILL_IN_SAVE"
 
 # Fields that change the shape or meaning of the weights: a checkpoint must agree on all of them.
@@ -325,6 +325,7 @@ def expected_files(trainer, load_dir: str, tag_dir: str, world: int) -> list[str
     files = [os.path.join(tag_dir, name) for name in (WEIGHTS, CONFIG, CLIENT)]
     files += [os.path.join(tag_dir, f"rng_rank{r}.pt") for r in range(world)]
     files.append(engine._get_ckpt_name(load_dir, tag))  # the module and engine state
+    files += _expert_files(engine, load_dir, tag)
     if engine.zero_optimization_stage() > 0:
         files += [engine._get_rank_zero_ckpt_name(load_dir, tag, engine.checkpoint_mp_rank, r, engine.bfloat16_enabled())
                   for r in range(world)]
@@ -336,6 +337,21 @@ def expected_files(trainer, load_dir: str, tag_dir: str, world: int) -> list[str
     if _per_rank_optimizer_state(trainer):
         files += [os.path.join(tag_dir, f"optim_rank{r}.pt") for r in range(world)]
     return files
+
+
+def _expert_files(engine, load_dir: str, tag: str) -> list[str]:
+    """DeepSpeed's per-expert files, one per (DeepSpeed MoE module, global expert): a standard MoE at
+    EP > 1 has them through its marker (samoe_dist/ds_moe_marker.py). Numbered as the engine numbers
+    them at save and load: the MoE modules in named_modules() order, then expert-parallel rank x
+    local experts. A sharded pool's marker has no experts, so no files. Each rank reads only its own
+    experts' files: without this list a rank whose file is missing would fail alone, in a collective."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups as ds_groups
+
+    moe = [m for _, m in engine.module.named_modules() if isinstance(m, MoE)]
+    return [engine._get_expert_ckpt_name(load_dir, layer, expert, tag, checkpoint_mp_rank=engine.checkpoint_mp_rank)
+            for layer, m in enumerate(moe)
+            for expert in range(m.num_local_experts * ds_groups._get_expert_parallel_world_size(m.expert_group_name))]
 
 
 def _check_complete(trainer, load_dir: str, tag_dir: str, world: int) -> None:
@@ -431,6 +447,7 @@ def save(trainer, save_dir: str, keep: Optional[int] = None) -> str:
                                    client_state={"iteration": trainer.iteration,
                                                  "consumed_samples": trainer.consumed_samples})
     state = consolidated_state(trainer.model, trainer.cfg, trainer.groups)
+    _fault_kill(trainer.iteration, rank, all_ranks=False)
     torch.save(rng_state(), os.path.join(partial_dir, f"rng_rank{rank}.pt"))
     if _per_rank_optimizer_state(trainer):
         torch.save(trainer.engine.optimizer.state_dict(), os.path.join(partial_dir, f"optim_rank{rank}.pt"))
@@ -442,8 +459,7 @@ def save(trainer, save_dir: str, keep: Optional[int] = None) -> str:
         _write_json(os.path.join(partial_dir, CLIENT),
                     {"iteration": trainer.iteration, "consumed_samples": trainer.consumed_samples})
     _barrier()
-    if os.environ.get(FAULT_KILL_IN_SAVE) == str(trainer.iteration):  # fault injection (tests)
-        os.kill(os.getpid(), signal.SIGKILL)
+    _fault_kill(trainer.iteration, rank, all_ranks=True)
     if rank == 0:
         final_dir = os.path.join(save_dir, tag)
         if os.path.exists(final_dir):
@@ -454,6 +470,19 @@ def save(trainer, save_dir: str, keep: Optional[int] = None) -> str:
             _prune(save_dir, keep)
     _barrier()
     return tag
+
+
+def _fault_kill(iteration: int, rank: int, all_ranks: bool) -> None:
+    """Fault injection for tests: ``SAMOE_FAULT_KILL_IN_SAVE=ITER`` SIGKILLs every rank in the save of
+    iteration ITER once all its files are written, before the rename (``all_ranks`` point);
+    ``ITER:RANK`` SIGKILLs rank RANK alone after DeepSpeed's files, before its own, while the other
+    ranks write theirs and wait for it at the next barrier (a node lost in the middle of a save)."""
+    spec = os.environ.get(FAULT_KILL_IN_SAVE)
+    if not spec:
+        return
+    when, _, victim = spec.partition(":")
+    if int(when) == iteration and (all_ranks if not victim else not all_ranks and int(victim) == rank):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _prune(save_dir: str, keep: int) -> None:

@@ -98,9 +98,11 @@ def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 3
         torch.cuda.set_device(local_rank)
     ep = expert_model_parallel_size
     if not parallel_state.model_parallel_is_initialized():
+        # No gloo twins of megatron's data-parallel groups: only megatron's own distributed optimizer
+        # and checkpointing use them, and DeepSpeed does both here (one communicator fewer per group).
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-            expert_model_parallel_size=ep)
+            expert_model_parallel_size=ep, create_gloo_process_groups=False)
     group_name = f"ep_size_{ep}"
     if group_name not in ds_groups._get_expert_parallel_group_dict():
         ds_groups._create_expert_and_data_parallel(ep)

@@ -84,9 +84,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_launcher(nprocs: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N pretrain_samoe.py ARGS` on CPU, as a user runs it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def run_launcher(nprocs: int, args: list[str], timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N pretrain_samoe.py ARGS` on CPU, as a user runs it (``extra_env``: more
+    environment for every rank)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra_env)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()),

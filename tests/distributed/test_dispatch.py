@@ -116,3 +116,26 @@ def test_deepspeed_and_megatron_agree_on_groups(tmp_path):
     # a layout the libraries disagree on is refused with a message naming both
     tampered = [res["tampered"] for res in results]
     assert any("megatron-core's expert-parallel group" in t and "differs from DeepSpeed's" in t for t in tampered)
+
+
+# megatron-core's gloo twins of its data-parallel groups (DATA_PARALLEL_GROUP_GLOO, ...): used only
+# by megatron's own distributed optimizer and checkpointing, which DeepSpeed replaces here
+MEGATRON_GLOO_GROUPS = {"_DATA_PARALLEL_GROUP_GLOO", "_DATA_PARALLEL_GROUP_WITH_CP_GLOO",
+                        "_EXPERT_DATA_PARALLEL_GROUP_GLOO"}
+
+
+def megatron_group_globals(groups) -> dict:
+    """Which of megatron's parallel_state group globals are set on this rank (the gloo ones by name)."""
+    from megatron.core import parallel_state as ps
+
+    gloo = {name: getattr(ps, name) is not None for name in vars(ps) if name.startswith("_") and name.endswith("_GLOO")}
+    return {"gloo": gloo, "dp": ps._DATA_PARALLEL_GROUP is not None, "edp": ps._EXPERT_DATA_PARALLEL_GROUP is not None}
+
+
+def test_megatron_creates_no_gloo_groups(tmp_path):
+    """samoe_dist.parallel initialises megatron with create_gloo_process_groups=False: its groups exist,
+    their unused gloo twins do not (one communicator fewer per group and rank)."""
+    for res in run_fn(2, 2, megatron_group_globals, (), tmp_path):
+        assert res["dp"] and res["edp"]
+        assert MEGATRON_GLOO_GROUPS <= set(res["gloo"]), sorted(res["gloo"])
+        assert not any(res["gloo"].values()), res["gloo"]

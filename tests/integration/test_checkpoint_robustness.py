@@ -12,6 +12,7 @@ from tests.helpers import read_metrics, run_launcher, start_direct, tiny_model_a
 
 SAMOE = ["--num-experts", "4", "--samoe-pool-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4",
          "--lr", "3e-3", "--eval-iters", "1", "--lr-decay-iters", "6"]  # a schedule that --train-iters does not move
+MOE = [*SAMOE[:2], *SAMOE[4:]]  # the same without the pool: a standard MoE
 
 
 def _args(tmp, corpus, tok, *extra):
@@ -21,7 +22,7 @@ def _args(tmp, corpus, tok, *extra):
 def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_corpus):
     ckpt = tmp_path / "ckpt"
     args = _args(tmp_path, *tiny_corpus, "--train-iters", "6", "--save", str(ckpt), "--save-interval", "2")
-    proc = start_direct(args, SAMOE_FAULT_KILL_IN_SAVE="4")  # killed inside the save of iteration 4
+    proc = start_direct(args, SAMOE_FAULT_KILL_IN_SAVE="4")  # killed inside the save of iteration 4, before the rename
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
     assert (ckpt / "latest").read_text() == "iter_0000002"
@@ -35,6 +36,46 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_corpus
     assert [r["iteration"] for r in read_metrics(metrics, "train")] == [3, 4, 5, 6]
     assert (ckpt / "latest").read_text() == "iter_0000006"
     assert not (ckpt / "iter_0000004.partial").exists() and (ckpt / "iter_0000004" / "model.safetensors").is_file()
+
+
+def test_a_rank_killed_during_a_two_rank_save_keeps_the_previous_checkpoint(tmp_path, tiny_corpus):
+    """World 2 (EP=2, ZeRO-1): rank 1 is SIGKILLed in the save of iteration 4, after DeepSpeed's files
+    and before its own, while rank 0 writes its part and waits for it. 'latest' still names
+    iteration 2; resuming from it at world 2 gives the per-step losses of an uninterrupted world-2
+    run bitwise (fp32 on CPU, the same layout, so the same sums in the same order; dropout on, so
+    the restored RNG states count too), and its own save of iteration 4 replaces the debris."""
+    ckpt = tmp_path / "ckpt"
+
+    def args(name, *extra):
+        return _args(tmp_path, *tiny_corpus, "--train-iters", "6", "--expert-model-parallel-size", "2",
+                     "--hidden-dropout", "0.1", "--metrics-file", str(tmp_path / f"{name}.jsonl"), *extra)
+
+    saving = ["--save", str(ckpt), "--save-interval", "2"]
+    full = run_launcher(2, args("full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_launcher(2, args("killed", *saving), SAMOE_FAULT_KILL_IN_SAVE="4:1")
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert (ckpt / "latest").read_text() == "iter_0000002"
+    partial = ckpt / "iter_0000004.partial"
+    assert not (ckpt / "iter_0000004").exists() and partial.is_dir()
+    # rank 1 died inside the save: after DeepSpeed wrote its ZeRO partition, before its RNG file
+    assert (partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    assert not (partial / "rng_rank1.pt").exists()
+    resumed = run_launcher(2, args("resumed", *saving, "--load", str(ckpt)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at iteration 2 (8 samples consumed)" in resumed.stdout + resumed.stderr
+
+    keys = ("iteration", "consumed_samples", "lm_loss", "load_balancing_loss", "grad_norm")
+    rows = {name: [tuple(r[k] for k in keys) for r in read_metrics(tmp_path / f"{name}.jsonl", "train")]
+            for name in ("full", "killed", "resumed")}
+    assert [r[0] for r in rows["full"]] == [1, 2, 3, 4, 5, 6]
+    assert rows["killed"] == rows["full"][:4]  # it got as far as the save of iteration 4
+    assert rows["resumed"] == rows["full"][2:]
+    final = {name: read_metrics(tmp_path / f"{name}.jsonl", "final")[0]["final_valid_loss"]
+             for name in ("full", "resumed")}
+    assert final["resumed"] == final["full"]
+    assert (ckpt / "latest").read_text() == "iter_0000006"
+    assert not partial.exists() and (ckpt / "iter_0000004" / "rng_rank1.pt").is_file()
 
 
 def test_sigterm_saves_then_exits(tmp_path, tiny_corpus):
@@ -163,18 +204,26 @@ def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, tiny_corpus):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("victim", ["rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                                    "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
-def test_a_missing_checkpoint_file_is_named(tmp_path, tiny_corpus, victim):
+@pytest.mark.parametrize("kind, victim", [
+    ("samoe", "rng_rank1.pt"), ("samoe", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    ("samoe", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+    # a standard MoE: DeepSpeed's per-expert file of expert 3 (layer 0: the model's one DeepSpeed MoE
+    # marker, samoe_dist/ds_moe_marker.py), which only EP rank 1 reads
+    ("moe", "layer_0_expert_3_mp_rank_00_model_states.pt"),
+])
+def test_a_missing_checkpoint_file_is_named(tmp_path, tiny_corpus, kind, victim):
     """2 ranks, EP=2, ZeRO-1: with one file of the checkpoint deleted, the resume fails before
     DeepSpeed reads anything, with one line naming that file (no gloo 'connection closed')."""
     ckpt = tmp_path / "ckpt"
-    args = _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt), "--expert-model-parallel-size", "2")
-    run = run_launcher(2, args)
+    flags = SAMOE if kind == "samoe" else MOE
+
+    def args(*extra):
+        return tiny_model_args(tmp_path, *tiny_corpus, *flags, "--expert-model-parallel-size", "2", *extra)
+
+    run = run_launcher(2, args("--train-iters", "2", "--save", str(ckpt)))
     assert run.returncode == 0, run.stderr[-3000:]
     (ckpt / "iter_0000002" / victim).unlink()
-    run = run_launcher(2, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt),
-                                "--expert-model-parallel-size", "2"))
+    run = run_launcher(2, args("--train-iters", "3", "--load", str(ckpt)))
     assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
     assert f"1 file(s) missing: {victim}" in _errors(run)[0] and "earlier complete checkpoint" in _errors(run)[0]
     assert "Connection closed" not in run.stderr and "Traceback" not in run.stderr
