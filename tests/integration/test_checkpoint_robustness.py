@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 
@@ -17,6 +18,29 @@ MOE = [*SAMOE[:2], *SAMOE[4:]]  # the same without the pool: a standard MoE
 
 def _args(tmp, corpus, tok, *extra):
     return tiny_model_args(tmp, corpus, tok, *SAMOE, *extra)
+
+
+# The tests that only load a checkpoint share one save per layout (a copy each, so none sees another's
+# changes): SaMoE, 2 iterations, 1 process at EP=1 and 2 processes at EP=2.
+@pytest.fixture(scope="module")
+def saved_ep1(tmp_path_factory, tiny_corpus):
+    tmp = tmp_path_factory.mktemp("saved_ep1")
+    run = run_launcher(1, _args(tmp, *tiny_corpus, "--train-iters", "2", "--save", str(tmp / "ckpt")))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return tmp / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def saved_ep2(tmp_path_factory, tiny_corpus):
+    tmp = tmp_path_factory.mktemp("saved_ep2")
+    run = run_launcher(2, _args(tmp, *tiny_corpus, "--train-iters", "2", "--save", str(tmp / "ckpt"),
+                                "--expert-model-parallel-size", "2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return tmp / "ckpt"
+
+
+def _copy(ckpt, tmp_path):
+    return shutil.copytree(ckpt, tmp_path / "ckpt")
 
 
 def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_corpus):
@@ -125,10 +149,8 @@ def test_keep_last_checkpoints_and_exit_duration(tmp_path, tiny_corpus):
     (["--samoe-pool-size", "3"], "--samoe-pool-size: checkpoint 2, now 3"),
     (["--expert-model-parallel-size", "1", "--num-experts", "4"], None),  # same model: loads
 ])
-def test_load_checks_the_model_config(tmp_path, tiny_corpus, change, message):
-    ckpt = tmp_path / "ckpt"
-    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt)))
-    assert run.returncode == 0, run.stderr[-3000:]
+def test_load_checks_the_model_config(tmp_path, tiny_corpus, saved_ep1, change, message):
+    ckpt = _copy(saved_ep1, tmp_path)
     run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt), *change))
     if message is None:
         assert run.returncode == 0, run.stderr[-3000:]
@@ -138,11 +160,8 @@ def test_load_checks_the_model_config(tmp_path, tiny_corpus, change, message):
     assert "Traceback" not in run.stderr
 
 
-def test_load_refuses_another_layout_naming_the_converter(tmp_path, tiny_corpus):
-    ckpt = tmp_path / "ckpt"
-    run = run_launcher(2, _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt),
-                                "--expert-model-parallel-size", "2"))
-    assert run.returncode == 0, run.stderr[-3000:]
+def test_load_refuses_another_layout_naming_the_converter(tmp_path, tiny_corpus, saved_ep2):
+    ckpt = _copy(saved_ep2, tmp_path)
     run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt)))
     errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
     assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
@@ -153,17 +172,15 @@ def _errors(run) -> list[str]:
     return [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
 
 
-def test_changed_optimizer_flags_on_load_are_refused_applied_or_ignored_as_told(tmp_path, tiny_corpus):
+def test_changed_optimizer_flags_on_load_are_refused_applied_or_ignored_as_told(tmp_path, tiny_corpus, saved_ep1):
     """Megatron's choice: a learning-rate flag that differs from the checkpoint's is an error naming
     it, unless --override-opt-param-scheduler (the new value is used: the logged lr is the new
     schedule's) or --use-checkpoint-opt-param-scheduler (the checkpoint's schedule continues)."""
     from samoe_dist.arguments import parse_args
     from samoe_dist.optim import lr_at
 
-    ckpt = tmp_path / "ckpt"
-    base = _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt), "--lr-warmup-iters", "1")
-    run = run_launcher(1, base)
-    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = _copy(saved_ep1, tmp_path)
+    base = _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt))  # how saved_ep1 was written
 
     def resume(name, *extra):
         metrics = tmp_path / f"{name}.jsonl"
@@ -187,12 +204,10 @@ def test_changed_optimizer_flags_on_load_are_refused_applied_or_ignored_as_told(
     assert step3["lr"] == pytest.approx(lr_at(2, old), rel=1e-12) and lr_at(2, old) != lr_at(2, new)
 
 
-def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, tiny_corpus):
+def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, tiny_corpus, saved_ep1):
     """The checkpoint records its data (prefixes and sizes, split, seed, sequence length, tokenizer
     hash): another split is refused naming it, and accepted with --allow-data-change."""
-    ckpt = tmp_path / "ckpt"
-    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "2", "--save", str(ckpt)))
-    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = _copy(saved_ep1, tmp_path)
     fingerprint = json.loads((ckpt / "iter_0000002" / "config.json").read_text())["data_fingerprint"]
     assert fingerprint["split"] == "969,30,1" and len(fingerprint["tokenizer_sha256"]) == 64
     assert all(size > 0 for size in fingerprint["file_bytes"].values())
@@ -211,17 +226,20 @@ def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, tiny_corpus):
     # marker, samoe_dist/ds_moe_marker.py), which only EP rank 1 reads
     ("moe", "layer_0_expert_3_mp_rank_00_model_states.pt"),
 ])
-def test_a_missing_checkpoint_file_is_named(tmp_path, tiny_corpus, kind, victim):
+def test_a_missing_checkpoint_file_is_named(tmp_path, tiny_corpus, saved_ep2, kind, victim):
     """2 ranks, EP=2, ZeRO-1: with one file of the checkpoint deleted, the resume fails before
     DeepSpeed reads anything, with one line naming that file (no gloo 'connection closed')."""
-    ckpt = tmp_path / "ckpt"
     flags = SAMOE if kind == "samoe" else MOE
 
     def args(*extra):
         return tiny_model_args(tmp_path, *tiny_corpus, *flags, "--expert-model-parallel-size", "2", *extra)
 
-    run = run_launcher(2, args("--train-iters", "2", "--save", str(ckpt)))
-    assert run.returncode == 0, run.stderr[-3000:]
+    if kind == "samoe":
+        ckpt = _copy(saved_ep2, tmp_path)
+    else:
+        ckpt = tmp_path / "ckpt"
+        run = run_launcher(2, args("--train-iters", "2", "--save", str(ckpt)))
+        assert run.returncode == 0, run.stderr[-3000:]
     (ckpt / "iter_0000002" / victim).unlink()
     run = run_launcher(2, args("--train-iters", "3", "--load", str(ckpt)))
     assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
@@ -229,19 +247,17 @@ def test_a_missing_checkpoint_file_is_named(tmp_path, tiny_corpus, kind, victim)
     assert "Connection closed" not in run.stderr and "Traceback" not in run.stderr
 
 
-def test_save_refuses_to_overwrite_another_runs_checkpoints(tmp_path, tiny_corpus):
+def test_save_refuses_to_overwrite_another_runs_checkpoints(tmp_path, tiny_corpus, saved_ep1):
     """--save into a directory holding another run's checkpoints, without --load of it, is refused
     before anything is written (its 'latest' and files untouched); --overwrite-checkpoints allows it."""
-    ckpt = tmp_path / "ckpt"
-    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--save", str(ckpt)))
-    assert run.returncode == 0, run.stderr[-3000:]
-    before = {p.name: p.stat().st_mtime_ns for p in (ckpt / "iter_0000003").iterdir()}
+    ckpt = _copy(saved_ep1, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in (ckpt / "iter_0000002").iterdir()}
     other = tiny_model_args(tmp_path, *tiny_corpus, "--micro-batch-size", "2", "--train-iters", "1", "--save", str(ckpt))
     run = run_launcher(1, other)  # a dense model into the SaMoE run's directory
     assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
-    assert "latest iter_0000003, a samoe model" in _errors(run)[0] and "--overwrite-checkpoints" in _errors(run)[0]
-    assert (ckpt / "latest").read_text() == "iter_0000003"
-    assert {p.name: p.stat().st_mtime_ns for p in (ckpt / "iter_0000003").iterdir()} == before
+    assert "latest iter_0000002, a samoe model" in _errors(run)[0] and "--overwrite-checkpoints" in _errors(run)[0]
+    assert (ckpt / "latest").read_text() == "iter_0000002"
+    assert {p.name: p.stat().st_mtime_ns for p in (ckpt / "iter_0000002").iterdir()} == before
     run = run_launcher(1, [*other, "--overwrite-checkpoints"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert (ckpt / "latest").read_text() == "iter_0000001"
