@@ -40,6 +40,7 @@ import torch.distributed as dist
 from samoe_dist.config import ConfigError, RunConfig, flag_name
 from samoe_dist.init import canonical_name
 from samoe_dist.model import is_expert_parallel, is_pool_shard
+from samoe_dist.tensor_parallel import full_shape, is_tp_sharded, tp_shard, tp_unshard
 
 logger = logging.getLogger("samoe")
 
@@ -77,13 +78,17 @@ def consolidated_state(model: torch.nn.Module, cfg: RunConfig, groups) -> dict[s
 
     Expert-parallel weights live on one EP rank each; they are gathered over the EP group. A sharded
     pool's column slices are gathered over the expert-data-parallel group: the file holds it whole.
+    Tensor-parallel weights are gathered over the TP group (samoe_dist.tensor_parallel).
     """
     n_local = cfg.moe.num_experts // groups.ep_size if cfg.moe.enabled else 0
     pool = _pool_of(model)
     state: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         local = p.detach()
-        if is_pool_shard(p):
+        if groups.tp_size > 1 and is_tp_sharded(p):
+            state[canonical_name(name, 0)] = tp_unshard(local, name, p, groups.tp_size, cfg.model.swiglu,
+                                                        groups.tp_group).cpu().contiguous()
+        elif is_pool_shard(p):
             state[canonical_name(name, 0)] = pool.gather_full(p).cpu().contiguous()
         elif is_expert_parallel(p) and groups.ep_size > 1:
             parts = [torch.empty_like(local) for _ in range(groups.ep_size)]
@@ -113,10 +118,11 @@ def load_consolidated_state(model: torch.nn.Module, cfg: RunConfig, groups, stat
             except ValueError as exc:
                 raise ConfigError(f"{source}: weight {name}: {exc}") from None
             continue
-        if tuple(state[name].shape) != tuple(p.shape):
+        if tuple(state[name].shape) != full_shape(name, p, groups.tp_size):
             raise ConfigError(f"{source}: weight {name} has shape {tuple(state[name].shape)}, the model "
-                              f"expects {tuple(p.shape)}")
-        p.copy_(state[name].to(device=p.device, dtype=p.dtype))
+                              f"expects {full_shape(name, p, groups.tp_size)}")
+        value = tp_shard(state[name], name, p, groups.tp_rank, groups.tp_size, cfg.model.swiglu)
+        p.copy_(value.to(device=p.device, dtype=p.dtype))
 
 
 # Flags whose values live on in the restored optimizer and LR-scheduler state (Megatron's
@@ -367,6 +373,8 @@ def _check_complete(trainer, load_dir: str, tag_dir: str, world: int) -> None:
 def _layout(trainer, world: int) -> dict:
     """What the optimizer state's partitioning depends on: world, EP size, pool shards (if sharded)."""
     layout = {"world_size": world, "ep_size": trainer.groups.ep_size}
+    if trainer.groups.tp_size > 1:  # absent at TP = 1: older checkpoints keep their layout
+        layout["tp_size"] = trainer.groups.tp_size
     pool = _pool_of(trainer.model)
     if pool is not None and pool.shard is not None:
         layout["pool_shards"] = pool.shard.size
@@ -519,8 +527,9 @@ def load(trainer, load_dir: str) -> None:
         now = _layout(trainer, world)
         raise ConfigError(
             f"checkpoint {tag_dir} was written by {layout.get('world_size')} processes with expert-parallel "
-            f"size {layout.get('ep_size')} and the pool in {layout.get('pool_shards', 1)} column shard(s); this run "
-            f"has {world}, {trainer.groups.ep_size} and {now.get('pool_shards', 1)}. Convert it: "
+            f"size {layout.get('ep_size')}, tensor-parallel size {layout.get('tp_size', 1)} and the pool in "
+            f"{layout.get('pool_shards', 1)} column shard(s); this run has {world}, {trainer.groups.ep_size}, "
+            f"{trainer.groups.tp_size} and {now.get('pool_shards', 1)}. Convert it: "
             f"python tools/convert_checkpoint.py reshard --load {load_dir} --save NEW_DIR (weights only, "
             f"fresh optimizer), then --load NEW_DIR")
     continues = not weights_only or "iteration" in saved.get("converted_from", {})

@@ -227,12 +227,20 @@ def peak_logit_for_mass(mass: float, pool_size: int, temperature: float = 1.0) -
 
 @dataclass
 class ParallelConfig:
-    """How the world is split: world = data-parallel x expert-parallel (TP = PP = 1)."""
+    """How the world is split (megatron-core's layout, PP = 1; docs/DESIGN.md section 7):
+    attention, dense MLP, embedding and output over world = TP x DP; experts, whole on a rank
+    (expert TP = 1), over world = EP x EDP, with EP groups of consecutive ranks."""
 
     expert_model_parallel_size: int = doc("Expert-parallel size EP: each EP group holds all N experts of a layer.", default=1)
+    tensor_model_parallel_size: int = doc("Tensor-parallel size TP: attention, dense MLP, vocabulary embedding and output split over TP consecutive ranks (megatron-core's); experts stay whole.", default=1)
+    sequence_parallel: bool = doc("Megatron sequence parallelism (needs TP > 1): norms, dropout and MoE layers each work on 1/TP of the sequence.", default=False)
 
     def __post_init__(self) -> None:
         _positive(self, "expert_model_parallel_size")
+        _positive(self, "tensor_model_parallel_size")
+        _require(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+                 "--sequence-parallel splits the sequence over the tensor-parallel group: it needs "
+                 "--tensor-model-parallel-size > 1")
 
 
 @dataclass
@@ -385,6 +393,30 @@ class RunConfig:
         else:
             _require(self.parallel.expert_model_parallel_size == 1,
                      "--expert-model-parallel-size > 1 needs --num-experts (a dense model has no experts to shard)")
+        tp = self.parallel.tensor_model_parallel_size
+        if tp > 1:
+            m = self.model
+            _require(m.num_attention_heads % tp == 0,
+                     f"--num-attention-heads {m.num_attention_heads} is not divisible by --tensor-model-parallel-size "
+                     f"{tp} (each TP rank holds whole heads)")
+            _require(m.ffn_hidden_size % tp == 0,
+                     f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+            _require(m.vocab_size is None or m.vocab_size % tp == 0,
+                     f"--vocab-size {m.vocab_size} is not divisible by --tensor-model-parallel-size {tp} (the "
+                     f"embedding and output are split by vocabulary rows)")
+            _require(not self.parallel.sequence_parallel or m.seq_length % tp == 0,
+                     f"--sequence-parallel splits --seq-length {m.seq_length} over {tp} ranks: it must divide")
+            _require(not self.moe.enabled or self.parallel.sequence_parallel,
+                     f"--num-experts with --tensor-model-parallel-size {tp} needs --sequence-parallel (megatron-core "
+                     f"trains MoE layers under TP only with sequence parallelism: each TP rank routes its 1/TP of "
+                     f"the tokens)")
+            ep = self.parallel.expert_model_parallel_size
+            _require(ep == 1 or ep % tp == 0,
+                     f"--expert-model-parallel-size {ep} with --tensor-model-parallel-size {tp}: use EP 1 (every rank "
+                     f"holds every expert) or a multiple of TP (each EP group spans whole TP groups)")
+            _require(not self.samoe.enabled or self.samoe.samoe_pool_sharding != "sharded",
+                     "--samoe-pool-sharding sharded with --tensor-model-parallel-size > 1 is not supported yet: use "
+                     "--samoe-pool-sharding replicated")
 
     @property
     def kind(self) -> str:
@@ -408,7 +440,10 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
 
     Runs before any process group exists, from the launcher's WORLD_SIZE.
     """
-    ep = cfg.parallel.expert_model_parallel_size
+    ep, tp = cfg.parallel.expert_model_parallel_size, cfg.parallel.tensor_model_parallel_size
+    _require(world_size % tp == 0,
+             f"--tensor-model-parallel-size {tp} does not divide the world size {world_size} (processes launched); "
+             f"use a divisor of {world_size}")
     _require(world_size % ep == 0,
              f"--expert-model-parallel-size {ep} does not divide the world size {world_size} "
              f"(processes launched); use a divisor of {world_size}")
@@ -423,7 +458,7 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
                  f"expert-data-parallel group of {edp} ranks (world {world_size} / EP {ep}), which does not "
                  f"divide them: choose --hidden-size and --moe-ffn-hidden-size whose product divides by {edp}, "
                  f"or use --samoe-pool-sharding replicated")
-    dp = world_size  # every rank is a data-parallel replica of the dense part (TP = PP = 1)
+    dp = world_size // tp  # the TP ranks of one data-parallel replica see the same micro-batch (PP = 1)
     tr = cfg.training
     if tr.global_batch_size is None:
         tr.global_batch_size = tr.micro_batch_size * dp

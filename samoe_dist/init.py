@@ -43,12 +43,17 @@ def skip(name: str, param: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def initialize_parameters(model: torch.nn.Module, config, seed: int, expert_offset: int) -> int:
+def initialize_parameters(model: torch.nn.Module, config, seed: int, expert_offset: int, tp_rank: int = 0,
+                          tp_size: int = 1) -> int:
     """Draw every weight matrix of ``model`` from its name's seed; returns how many were drawn.
 
     ``config`` is the megatron TransformerConfig (its init methods); ``expert_offset`` is this
-    rank's first global expert index (EP rank x local experts).
+    rank's first global expert index (EP rank x local experts). A tensor-parallel weight is drawn
+    whole and this TP rank keeps its block (samoe_dist.tensor_parallel), so TP does not change the
+    model either. Mark expert weights (``samoe_expert``) first: they are whole on a rank.
     """
+    from samoe_dist.tensor_parallel import full_shape, tp_shard
+
     count = 0
     seen = set()
     for name, param in model.named_parameters():
@@ -58,8 +63,9 @@ def initialize_parameters(model: torch.nn.Module, config, seed: int, expert_offs
         init = config.output_layer_init_method if name.endswith(_OUTPUT_PROJECTIONS) else config.init_method
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_for(seed, canonical_name(name, expert_offset)))
-            value = torch.empty(param.shape, dtype=torch.float32)
+            value = torch.empty(full_shape(name, param, tp_size), dtype=torch.float32)
             init(value)
+        value = tp_shard(value, name, param, tp_rank, tp_size, config.gated_linear_unit)
         param.copy_(value.to(device=param.device, dtype=param.dtype))
         count += 1
     return count

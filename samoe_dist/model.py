@@ -51,6 +51,9 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         bias_activation_fusion=False,
         bf16=cfg.training.bf16,
         expert_model_parallel_size=cfg.parallel.expert_model_parallel_size,
+        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        expert_tensor_parallel_size=1,  # experts whole on a rank (docs/DESIGN.md section 7)
         perform_initialization=False,  # samoe_dist.init draws every weight, layout-independently
     )
     if moe.enabled:
@@ -78,13 +81,27 @@ def _with_explicit_router(moe_spec):
     return dataclasses.replace(moe_spec, submodules=dataclasses.replace(moe_spec.submodules, router=ExplicitLossRouter))
 
 
+def _with_norm(layer_spec, norm):
+    sub = layer_spec.submodules
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(sub, input_layernorm=norm,
+                                                                          pre_mlp_layernorm=norm))
+
+
 def block_spec(cfg: RunConfig, pool_ref=None) -> TransformerBlockSubmodules:
     """Per-layer specs: dense layers, and MoE/SaMoE layers at cfg.moe_layer_indices()."""
     norm = cfg.model.normalization
     dense = get_gpt_layer_local_spec(num_experts=None, normalization=norm)
+    sp_norm = None
+    if cfg.parallel.sequence_parallel:  # megatron's torch-norm wrapper refuses it (samoe_dist.tensor_parallel)
+        from samoe_dist.tensor_parallel import SequenceParallelNorm
+
+        sp_norm = SequenceParallelNorm
+        dense = _with_norm(dense, sp_norm)
     specs = [dense] * cfg.model.num_layers
     if cfg.moe.enabled:
         moe_layer = get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts, normalization=norm)
+        if sp_norm is not None:
+            moe_layer = _with_norm(moe_layer, sp_norm)
         for j, i in enumerate(cfg.moe_layer_indices()):
             if cfg.samoe.enabled:
                 from samoe_dist.samoe.spec import samoe_moe_spec
@@ -93,7 +110,7 @@ def block_spec(cfg: RunConfig, pool_ref=None) -> TransformerBlockSubmodules:
             else:
                 mlp = moe_layer.submodules.mlp
             specs[i] = _with_mlp(moe_layer, _with_explicit_router(mlp))
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=dense.submodules.input_layernorm)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=sp_norm or dense.submodules.input_layernorm)
 
 
 class GPTLM(torch.nn.Module):
@@ -215,11 +232,26 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
         pg_collection=groups.pg_collection,
     )
     n_local = cfg.moe.num_experts // groups.ep_size if cfg.moe.enabled else 0
-    initialize_parameters(gpt, tcfg, cfg.training.seed, expert_offset=groups.ep_rank * n_local)
+    has_experts = mark_expert_parameters(gpt, groups.ep_size, groups.ds_ep_group_name)  # before the draw
+    if groups.tp_size > 1:
+        from samoe_dist.tensor_parallel import mark_tensor_parallel_weights
+
+        mark_tensor_parallel_weights(gpt)
+        if groups.ep_size > 1:  # EP groups span whole TP groups: a replica's TP ranks hold different
+            for p in gpt.parameters():  # experts, each counted by DeepSpeed's norm (summed over TP)
+                if getattr(p, "samoe_expert", False):
+                    p.model_parallel = True
+    initialize_parameters(gpt, tcfg, cfg.training.seed, expert_offset=groups.ep_rank * n_local,
+                          tp_rank=groups.tp_rank, tp_size=groups.tp_size)
     if cfg.training.recompute_granularity == "full":
         checkpoint_layers(gpt)
     model = GPTLM(gpt, pool)
-    if mark_expert_parameters(gpt, groups.ep_size, groups.ds_ep_group_name) and groups.ep_size > 1:
+    if cfg.parallel.sequence_parallel:
+        from samoe_dist.tensor_parallel import install_sequence_parallel_grad_sum, mark_sequence_parallel
+
+        mark_sequence_parallel(model, groups.ep_size)
+        model._tp_grad_hooks = install_sequence_parallel_grad_sum(model, groups.tp_group)
+    if has_experts and groups.ep_size > 1:
         from samoe_dist.ds_moe_marker import ExpertParallelMarker
 
         model.ds_moe_marker = ExpertParallelMarker(cfg.moe.num_experts, groups.ep_size)

@@ -1,11 +1,15 @@
 """Process groups: DeepSpeed's and megatron-core's, created together and checked to agree.
 
-world = data-parallel x expert-parallel (TP = PP = 1). The expert-parallel (EP) groups are
-contiguous ranks in both libraries; the start-up check asserts that each rank's EP group and
-expert-data-parallel group are the same set of ranks in ``deepspeed.utils.groups`` and in
-megatron-core's ``parallel_state``. The groups reach the model as one :class:`ParallelGroups`
-object (its ``pg_collection`` is what megatron-core's modules take), never as globals read inside
-the model math.
+megatron-core makes the groups (PP = 1; docs/DESIGN.md section 7). Dense layers: world = TP x DP,
+TP groups of consecutive ranks. Experts (whole on a rank, expert TP = 1): world = EP x EDP, EP
+groups of consecutive ranks, so with TP > 1 the EP group folds into (or spans) TP groups, as in
+megatron-core's MoE. With TP = 1 DeepSpeed builds its own expert groups and the start-up check
+asserts they are the same sets of ranks as megatron's; with TP > 1 DeepSpeed's expert groups are
+megatron's own group objects (DeepSpeed would put EP inside the data-parallel group instead), and
+DeepSpeed gets megatron's tensor- and data-parallel groups through its ``mpu`` interface
+(:class:`MegatronMPU`); the check then compares DeepSpeed's view of the data-parallel group too.
+The groups reach the model as one :class:`ParallelGroups` object (its ``pg_collection`` is what
+megatron-core's modules take), never as globals read inside the model math.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ class ParallelGroups:
     expert_dp_group: Any
     ds_ep_group_name: str  # DeepSpeed's name of the EP groups ("ep_size_N")
     pg_collection: Any  # megatron.core.process_groups_config.ProcessGroupCollection
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_group: Any = None
+    dp_group: Any = None  # the dense data-parallel group (the world when TP = 1)
+    dp_size: int = 0  # world / TP (set by init_distributed)
+    dp_rank: int = 0
 
     @property
     def edp_size(self) -> int:
@@ -50,14 +60,9 @@ class ParallelGroups:
     def edp_rank(self) -> int:
         return self.rank // self.ep_size  # EP groups are contiguous ranks
 
-    @property
-    def dp_size(self) -> int:
-        """Every rank is a data-parallel replica of the dense parameters (TP = PP = 1)."""
-        return self.world_size
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank
+    def __post_init__(self) -> None:
+        if not self.dp_size:  # TP = 1: every rank is a data-parallel replica
+            self.dp_size, self.dp_rank = self.world_size // self.tp_size, self.rank // self.tp_size
 
     @property
     def is_main(self) -> bool:
@@ -77,8 +82,61 @@ def launcher_world_size() -> int:
     return 1
 
 
-def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 30.0) -> ParallelGroups:
-    """Initialise torch.distributed through DeepSpeed, then both libraries' expert groups."""
+class MegatronMPU:
+    """DeepSpeed's ``mpu`` interface over megatron-core's groups (PP = 1): the model-parallel group is
+    the tensor-parallel group. DeepSpeed reduces dense gradients over ``get_data_parallel_group``,
+    counts a parameter without ``tensor_model_parallel`` once per model-parallel group in the
+    gradient norm, and names its checkpoint files by ``get_model_parallel_rank``. It has no
+    ``get_sequence_parallel_*``: megatron's sequence parallelism is not DeepSpeed-Ulysses."""
+
+    def __init__(self, groups: "ParallelGroups") -> None:
+        self._g = groups
+
+    def get_model_parallel_group(self):
+        return self._g.tp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self._g.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._g.tp_size
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return (self._g.rank // self._g.tp_size) * self._g.tp_size
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_data_parallel_group(self):
+        return self._g.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self._g.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._g.dp_size
+
+    def get_data_parallel_group_ranks(self) -> list:
+        import torch.distributed as dist
+
+        return dist.get_process_group_ranks(self._g.dp_group)
+
+
+def deepspeed_mpu(groups: "ParallelGroups"):
+    """The mpu to hand deepspeed.initialize: None with TP = 1 (DeepSpeed's defaults are the layout)."""
+    return MegatronMPU(groups) if groups.tp_size > 1 else None
+
+
+def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 30.0,
+                     tensor_model_parallel_size: int = 1) -> ParallelGroups:
+    """Initialise torch.distributed through DeepSpeed, then both libraries' groups."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import groups as ds_groups
@@ -96,16 +154,24 @@ def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 3
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not cpu_compat.on_cpu():
         torch.cuda.set_device(local_rank)
-    ep = expert_model_parallel_size
+    ep, tp = expert_model_parallel_size, tensor_model_parallel_size
     if not parallel_state.model_parallel_is_initialized():
         # No gloo twins of megatron's data-parallel groups: only megatron's own distributed optimizer
         # and checkpointing use them, and DeepSpeed does both here (one communicator fewer per group).
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-            expert_model_parallel_size=ep, create_gloo_process_groups=False)
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+            expert_model_parallel_size=ep, expert_tensor_parallel_size=1, create_gloo_process_groups=False)
     group_name = f"ep_size_{ep}"
     if group_name not in ds_groups._get_expert_parallel_group_dict():
-        ds_groups._create_expert_and_data_parallel(ep)
+        if tp == 1:
+            ds_groups._create_expert_and_data_parallel(ep)
+        else:  # megatron's expert layout under TP, megatron's group objects (no new communicator)
+            ep_group = parallel_state.get_expert_model_parallel_group()
+            edp_group = parallel_state.get_expert_data_parallel_group()
+            ds_groups._EXPERT_PARALLEL_GROUP[group_name] = ep_group
+            ds_groups._EXPERT_PARALLEL_GROUP_RANKS[group_name] = dist.get_process_group_ranks(ep_group)
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP[group_name] = edp_group
+            ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[group_name] = dist.get_process_group_ranks(edp_group)
     groups = ParallelGroups(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -116,6 +182,12 @@ def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 3
         expert_dp_group=parallel_state.get_expert_data_parallel_group(),
         ds_ep_group_name=group_name,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_group=parallel_state.get_data_parallel_group(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
     )
     check_groups_agree(groups)
     return groups
@@ -159,6 +231,8 @@ def check_groups_agree(groups: ParallelGroups) -> None:
         "expert-data-parallel": (dist.get_process_group_ranks(groups.expert_dp_group),
                                  ds_groups._get_expert_data_parallel_group_ranks(name)),
     }
+    if ds_groups.mpu is not None:  # DeepSpeed's data-parallel group, once the engine has its mpu
+        pairs["data-parallel"] = (dist.get_process_group_ranks(groups.dp_group), ds_groups._get_data_parallel_group_ranks())
     for what, (mcore_ranks, ds_ranks) in pairs.items():
         if sorted(mcore_ranks) != sorted(ds_ranks):
             raise LayoutMismatchError(

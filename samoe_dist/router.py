@@ -41,13 +41,17 @@ class ExplicitLossRouter(TopKRouter):
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, aux_loss_name,
                                            reduce_group, reduce_group_has_dp=False,
                                            valid_token_count=None):
-        # aux_loss already carries its coefficient (megatron's switch_load_balancing_loss_func).
+        # aux_loss already carries its coefficient (megatron's switch_load_balancing_loss_func); under
+        # sequence parallelism it is this rank's share (megatron counts the tokens over the TP group).
         self._add("load_balancing_loss", aux_loss)
         return activation
 
     def apply_z_loss(self, logits, padding_mask: Optional[torch.Tensor] = None):
         if self.config.moe_z_loss_coeff is not None and self.training and torch.is_grad_enabled():
-            self._add("z_loss", z_loss_func(logits, self.config.moe_z_loss_coeff, padding_mask=padding_mask))
+            # Under sequence parallelism this rank holds 1/TP of the tokens: its share of the mean
+            # (megatron's own scaling), so the shares of the TP ranks sum to the whole z loss.
+            coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
+            self._add("z_loss", z_loss_func(logits, coeff, padding_mask=padding_mask))
         return logits
 
     def _add(self, name: str, value: torch.Tensor) -> None:

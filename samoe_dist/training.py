@@ -26,8 +26,10 @@ from samoe_dist.ds_config import build_ds_config, load_ds_config
 from samoe_dist.metrics import MetricsWriter, iteration_line, setup_logging
 from samoe_dist.model import build_model, is_expert_parallel, is_pool_shard
 from samoe_dist.optim import make_scheduler, param_groups
-from samoe_dist.parallel import ParallelGroups, init_distributed, launcher_world_size
+from samoe_dist.parallel import (ParallelGroups, check_groups_agree, deepspeed_mpu, init_distributed,
+                                launcher_world_size)
 from samoe_dist.params import count_parameters, format_counts
+from samoe_dist.tensor_parallel import is_tp_sharded
 
 logger = logging.getLogger("samoe")
 
@@ -61,7 +63,8 @@ class Trainer:
         self.dp = validate_layout(cfg, world_size)  # fails before any process group exists
         user_ds = load_ds_config(ds_config_path)
         checkpoint.check_save_dir(cfg)  # before any process group: another run's checkpoints stay untouched
-        self.groups: ParallelGroups = init_distributed(cfg.parallel.expert_model_parallel_size)
+        self.groups: ParallelGroups = init_distributed(cfg.parallel.expert_model_parallel_size,
+                                                       tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size)
         setup_logging(self.groups.rank)
         cpu_compat.seed_model_parallel(cfg.training.seed)
         self.data: TrainingData = build_training_data(cfg, self.groups)
@@ -78,10 +81,13 @@ class Trainer:
             model_parameters=param_groups(self.model, tr.weight_decay, tr.lr, cfg.samoe.samoe_combination_lr_mult),
             config=self.ds_config,
             lr_scheduler=lambda opt: make_scheduler(opt, tr),
+            mpu=deepspeed_mpu(self.groups),  # TP > 1: megatron's tensor- and data-parallel groups
         )
+        check_groups_agree(self.groups)  # again, now with DeepSpeed's data-parallel group
         collective_check.install(self.engine.device)  # SAMOE_CHECK_COLLECTIVE_DEVICES=1 (the tests set it)
         self.iteration = 0
         self.consumed_samples = 0
+        self._aux_share_scale = self.groups.tp_size if cfg.parallel.sequence_parallel else 1
         self.last_grad_norm = float("nan")
         self._grad_flow: dict = {}  # per-expert gradient norms of the step being logged
         self._start_time = time.time()
@@ -117,6 +123,8 @@ class Trainer:
             self.engine.step()
             for name, value in parts.items():  # tensors: no host sync per micro-batch
                 part = value.detach().to(torch.float64) / self.gas
+                if name != "lm loss":  # an aux loss is this TP rank's share under sequence parallelism
+                    part = part * self._aux_share_scale
                 sums[_key(name)] = sums[_key(name)] + part if _key(name) in sums else part
         self.consumed_samples += tr.global_batch_size
         self.iteration += 1
@@ -138,6 +146,7 @@ class Trainer:
             return None
         device = self.engine.device
         dense = torch.zeros((), dtype=torch.float64, device=device)
+        tp_sharded = torch.zeros((), dtype=torch.float64, device=device)  # differs over the TP group
         expert = torch.zeros((), dtype=torch.float64, device=device)  # differs over the EP group
         pool = torch.zeros((), dtype=torch.float64, device=device)  # sharded pool: differs over EDP
         for p in self.model.parameters():
@@ -148,13 +157,17 @@ class Trainer:
                 pool += sq
             elif is_expert_parallel(p):
                 expert += sq
+            elif is_tp_sharded(p) and self.groups.tp_size > 1:
+                tp_sharded += sq
             else:
                 dense += sq
+        if self.groups.tp_size > 1:
+            dist.all_reduce(tp_sharded, group=self.groups.tp_group)
         if self.groups.ep_size > 1:
             dist.all_reduce(expert, group=self.groups.ep_group)
         if self.groups.edp_size > 1:
             dist.all_reduce(pool, group=self.groups.expert_dp_group)
-        return float((dense + expert + pool).sqrt())
+        return float((dense + tp_sharded + expert + pool).sqrt())
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float:

@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -208,16 +205,7 @@ def compress(load: str, pool_size: int, save: str, overwrite: bool = False, mode
     if client.is_file():  # a training checkpoint: the new one continues its data stream and LR schedule
         source.update(read_json(client, ""))
     extra = {"data_fingerprint": run["data_fingerprint"]} if "data_fingerprint" in run else None
-    tmp = target.parent / f".{target.name}.compress-{uuid.uuid4().hex[:8]}"
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        tag = write_weights_only(state, new_cfg, str(tmp), base, source, extra=extra)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    tag = write_weights_only(state, new_cfg, str(target), base, source, extra=extra, overwrite=True)
     for i, err in zip(cfg.moe_layers, errors):
         logger.info("layer %d: relative reconstruction error %.6f", i, err)
     return target / tag.name, errors

@@ -105,20 +105,33 @@ def _check_new_dir(save: Path, load: Optional[Path] = None) -> None:
         raise ConversionError(f"--save {save} is the --load directory: choose a new one")
 
 
-def _publish_checkpoint(save: Path, tag: str, write) -> Path:
-    """Build ``save/<tag>/`` (by ``write(tag_dir)``) and ``save/latest`` in a temporary sibling
-    directory, then rename it to ``save``: the checkpoint appears whole or not at all."""
-    save.parent.mkdir(parents=True, exist_ok=True)
-    tmp = save.parent / f".{save.name}.partial-{uuid.uuid4().hex[:8]}"
+def publish_dir(output: Path, write):
+    """Build the folder ``output`` by ``write(tmp)`` in a temporary sibling, then put it in place of
+    ``output`` (an existing one is moved aside first and removed after): the folder appears whole or
+    not at all, and a crash mid-write leaves the old one. Returns what ``write`` returns."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
     try:
-        (tmp / tag).mkdir(parents=True)
-        write(tmp / tag)
-        (tmp / "latest").write_text(tag)
-        if save.exists():
-            save.rmdir()  # empty (checked): os.replace onto a directory needs it gone
-        os.replace(tmp, save)
+        tmp.mkdir()
+        result = write(tmp)
+        if output.exists():
+            os.replace(output, old)
+        os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+def _publish_checkpoint(save: Path, tag: str, write) -> Path:
+    """Build ``save/<tag>/`` (by ``write(tag_dir)``) and ``save/latest`` whole, in place of ``save``."""
+    def build(tmp: Path) -> None:
+        (tmp / tag).mkdir()
+        write(tmp / tag)
+        (tmp / "latest").write_text(tag)
+
+    publish_dir(save, build)
     return save / tag
 
 
@@ -220,15 +233,17 @@ def import_plain(input_path: str, save: str, tag: str = "iter_0000000") -> Path:
 
 
 def write_weights_only(plain: dict, cfg: PlainGPTConfig, save: str, base: Optional[dict], source: dict,
-                       tag: str = "iter_0000000", extra: Optional[dict] = None) -> Path:
+                       tag: str = "iter_0000000", extra: Optional[dict] = None, overwrite: bool = False) -> Path:
     """The plain state dict ``plain`` as a weights-only checkpoint ``save/<tag>`` (config.json from
     ``cfg`` and ``base``, the training config sections to keep; ``source`` recorded as converted_from,
     where an ``iteration`` and ``consumed_samples`` make the trainer continue that data stream;
-    ``extra``: more top-level entries, such as the source's ``data_fingerprint``)."""
+    ``extra``: more top-level entries, such as the source's ``data_fingerprint``; ``overwrite``: replace
+    an existing ``save``, whole, once the new one is written)."""
     from safetensors.torch import save_file
 
     run = run_config(cfg, base)
-    _check_new_dir(Path(save))
+    if not overwrite:
+        _check_new_dir(Path(save))
     state = to_training(plain, cfg)
 
     def write(new: Path) -> None:

@@ -18,15 +18,22 @@ from tests.helpers import free_port
 
 
 def _snapshot(trainer) -> dict[str, torch.Tensor]:
-    """This rank's parameters under their global names; a sharded pool gathered whole (a collective)."""
+    """This rank's parameters under their global names; a sharded pool and tensor-parallel weights
+    gathered whole (collectives)."""
     from samoe_dist.init import canonical_name
     from samoe_dist.model import is_pool_shard
+    from samoe_dist.tensor_parallel import tp_unshard
 
     cfg, groups = trainer.cfg, trainer.groups
     offset = groups.ep_rank * (cfg.moe.num_experts // groups.ep_size) if cfg.moe.enabled else 0
     pool = getattr(trainer.model.gpt, "samoe_pool", None)
-    return {canonical_name(n, offset): (pool.gather_full(p) if is_pool_shard(p) else p.detach()).float().clone()
-            for n, p in trainer.model.named_parameters()}
+
+    def whole(n, p):
+        if is_pool_shard(p):
+            return pool.gather_full(p)
+        return tp_unshard(p.detach(), n, p, groups.tp_size, cfg.model.swiglu, groups.tp_group)
+
+    return {canonical_name(n, offset): whole(n, p).float().clone() for n, p in trainer.model.named_parameters()}
 
 
 def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, probe, out_dir: str) -> None:
@@ -51,6 +58,7 @@ def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, probe
             if probe is not None:
                 result["extra"].append(probe(trainer))
         result["ep_rank"] = trainer.groups.ep_rank
+        result["tp_rank"] = trainer.groups.tp_rank
         from samoe_dist import collective_check
 
         result["collectives_checked"] = sorted(collective_check._INSTALLED)

@@ -30,7 +30,8 @@ FROZEN_FLAGS = [
     "--recompute-granularity", "--samoe-combination", "--samoe-combination-lr-mult", "--samoe-init",
     "--samoe-init-noise", "--samoe-init-peak", "--samoe-init-peak-mass", "--samoe-pool-sharding",
     "--samoe-pool-size", "--samoe-route-to-pool", "--samoe-temperature", "--samoe-top-m", "--save",
-    "--save-interval", "--seed", "--seq-length", "--split", "--swiglu", "--tensorboard-dir",
+    "--save-interval", "--seed", "--seq-length", "--sequence-parallel", "--split", "--swiglu",
+    "--tensor-model-parallel-size", "--tensorboard-dir",
     "--tokenizer-model", "--tokenizer-type", "--train-iters", "--untie-embeddings-and-output-weights",
     "--use-checkpoint-opt-param-scheduler", "--vocab-file", "--vocab-size", "--weight-decay",
 ]
@@ -41,7 +42,8 @@ MEGATRON_FLAGS = (
     "--min-lr --lr-decay-style --lr-warmup-iters --weight-decay --clip-grad --bf16 --seed --data-path "
     "--split --tokenizer-model --save --load --save-interval --eval-interval --eval-iters --log-interval "
     "--tensorboard-dir --num-experts --moe-router-topk --moe-aux-loss-coeff --moe-z-loss-coeff "
-    "--moe-expert-capacity-factor --moe-layer-freq --expert-model-parallel-size"
+    "--moe-expert-capacity-factor --moe-layer-freq --expert-model-parallel-size --tensor-model-parallel-size "
+    "--sequence-parallel"
 ).split()
 
 
@@ -87,6 +89,18 @@ def test_ds_config_long_form_and_conflict():
     (["--split", "a,b"], "--split must be"),
     (["--expert-model-parallel-size", "2"], "needs --num-experts"),
     (["--num-layers", "0"], "--num-layers must be > 0"),
+    (["--sequence-parallel"], "--sequence-parallel splits the sequence over the tensor-parallel group: it needs "
+                              "--tensor-model-parallel-size > 1"),
+    (["--tensor-model-parallel-size", "3", "--num-attention-heads", "4"],
+     "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
+    (["--tensor-model-parallel-size", "2", "--vocab-size", "101"], "--vocab-size 101 is not divisible by"),
+    (["--tensor-model-parallel-size", "2", "--num-experts", "4"], "needs --sequence-parallel (megatron-core"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "33",
+      "--max-position-embeddings", "64"], "--sequence-parallel splits --seq-length 33 over 2 ranks"),
+    (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--num-experts", "4",
+      "--expert-model-parallel-size", "2"], "use EP 1 (every rank holds every expert) or a multiple of TP"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--num-experts", "4", "--samoe-pool-size", "2",
+      "--samoe-pool-sharding", "sharded"], "--samoe-pool-sharding sharded with --tensor-model-parallel-size > 1"),
 ])
 def test_invalid_values_name_the_field(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -112,6 +126,10 @@ def test_layout_checks():
         validate_layout(_cfg("--num-experts", "6", "--expert-model-parallel-size", "4"), 4)
     with pytest.raises(ConfigError, match="--expert-model-parallel-size 4 does not divide the world size 6"):
         validate_layout(_cfg("--num-experts", "8", "--expert-model-parallel-size", "4"), 6)
+    # TP: the ranks of one tensor-parallel group are one data-parallel replica
+    assert validate_layout(_cfg("--tensor-model-parallel-size", "2", "--micro-batch-size", "2"), 4) == 2
+    with pytest.raises(ConfigError, match="--tensor-model-parallel-size 2 does not divide the world size 3"):
+        validate_layout(_cfg("--tensor-model-parallel-size", "2"), 3)
     sharded = ("--num-experts", "4", "--samoe-pool-size", "2", "--samoe-pool-sharding", "sharded",
                "--hidden-size", "8", "--num-attention-heads", "2", "--moe-ffn-hidden-size", "9")
     validate_layout(_cfg(*sharded), 8)  # 8 x 9 = 72 weights split over 8 ranks

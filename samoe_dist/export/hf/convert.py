@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -223,23 +221,6 @@ def _check_output(output: Path, overwrite: bool) -> None:
                               f"choose another directory")
 
 
-def _publish_dir(output: Path, write) -> Path:
-    """Build the folder by ``write(tmp)`` in a temporary sibling, then put it in place of ``output``."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
-    old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if output.exists():
-            os.replace(output, old)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return output
-
-
 def export_hf(load: str, output: str, overwrite: bool = False, fmt: str = "samoe", **tokenizer_flags) -> Path:
     """The newest checkpoint of ``load`` as a Hugging Face folder ``output`` (``fmt``: samoe or mixtral).
 
@@ -248,7 +229,7 @@ def export_hf(load: str, output: str, overwrite: bool = False, fmt: str = "samoe
     """
     from safetensors.torch import load_file, save_file
 
-    from samoe_dist.export.convert import WEIGHTS, _write_json, find_tag_dir, inspect_checkpoint
+    from samoe_dist.export.convert import WEIGHTS, _write_json, find_tag_dir, inspect_checkpoint, publish_dir
 
     if fmt not in FORMATS:
         raise ConversionError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
@@ -293,7 +274,7 @@ def export_hf(load: str, output: str, overwrite: bool = False, fmt: str = "samoe
                                                                     ("model", "moe", "samoe", "training", "data")
                                                                     if k in run}})
 
-    _publish_dir(out, write)
+    publish_dir(out, write)
     logger.info("exported %s (%s model) to %s (%s format)", tag_dir, cfg.kind, out, fmt)
     return out
 
