@@ -406,10 +406,6 @@ class RunConfig:
                      f"embedding and output are split by vocabulary rows)")
             _require(not self.parallel.sequence_parallel or m.seq_length % tp == 0,
                      f"--sequence-parallel splits --seq-length {m.seq_length} over {tp} ranks: it must divide")
-            _require(not self.moe.enabled or self.parallel.sequence_parallel,
-                     f"--num-experts with --tensor-model-parallel-size {tp} needs --sequence-parallel (megatron-core "
-                     f"trains MoE layers under TP only with sequence parallelism: each TP rank routes its 1/TP of "
-                     f"the tokens)")
             ep = self.parallel.expert_model_parallel_size
             _require(ep == 1 or ep % tp == 0,
                      f"--expert-model-parallel-size {ep} with --tensor-model-parallel-size {tp}: use EP 1 (every rank "

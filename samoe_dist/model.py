@@ -109,7 +109,12 @@ def block_spec(cfg: RunConfig, pool_ref=None) -> TransformerBlockSubmodules:
                 mlp = samoe_moe_spec(pool_ref, j, cfg.samoe)
             else:
                 mlp = moe_layer.submodules.mlp
-            specs[i] = _with_mlp(moe_layer, _with_explicit_router(mlp))
+            mlp = _with_explicit_router(mlp)
+            if cfg.parallel.tensor_model_parallel_size > 1 and not cfg.parallel.sequence_parallel:
+                from samoe_dist.tensor_parallel import token_split_moe_layer
+
+                mlp = dataclasses.replace(mlp, module=token_split_moe_layer())
+            specs[i] = _with_mlp(moe_layer, mlp)
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=sp_norm or dense.submodules.input_layernorm)
 
 
@@ -246,7 +251,7 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
     if cfg.training.recompute_granularity == "full":
         checkpoint_layers(gpt)
     model = GPTLM(gpt, pool)
-    if cfg.parallel.sequence_parallel:
+    if groups.tp_size > 1:  # the MoE layers split the tokens over TP, with or without SP
         from samoe_dist.tensor_parallel import install_sequence_parallel_grad_sum, mark_sequence_parallel
 
         mark_sequence_parallel(model, groups.ep_size)

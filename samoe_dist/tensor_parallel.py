@@ -140,3 +140,40 @@ class SequenceParallelNorm:
         for p in norm.parameters():
             p.sequence_parallel = config.sequence_parallel
         return norm
+
+
+def token_split_moe_layer():
+    """megatron's ``MoELayer`` for TP > 1 without sequence parallelism.
+
+    megatron-core refuses to train an MoE layer under TP without SP: every TP rank would route and
+    compute all the tokens. This layer gives each TP rank 1/TP of the sequence (megatron's
+    ``scatter_to_sequence_parallel_region``: backward all-gathers the gradient), runs megatron's
+    layer on it exactly as under SP (its config says ``sequence_parallel``, so router and token
+    counts reduce over the TP group), and all-gathers the output (backward keeps this rank's block:
+    without SP the gradient arriving here is the same on every TP rank). The rest of the model is
+    plain TP. Built lazily: the class derives from megatron's."""
+    global _TokenSplitMoELayer
+    if _TokenSplitMoELayer is not None:
+        return _TokenSplitMoELayer
+    import dataclasses
+
+    from megatron.core.tensor_parallel.mappings import (gather_from_sequence_parallel_region,
+                                                        scatter_to_sequence_parallel_region)
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    class TokenSplitMoELayer(MoELayer):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(dataclasses.replace(config, sequence_parallel=True), *args, **kwargs)
+
+        def forward(self, hidden_states, *args, **kwargs):
+            group = self.attn_tp_group
+            local = scatter_to_sequence_parallel_region(hidden_states, group=group)
+            output, bias = super().forward(local, *args, **kwargs)
+            output = gather_from_sequence_parallel_region(output, tensor_parallel_output_grad=False, group=group)
+            return output, bias
+
+    _TokenSplitMoELayer = TokenSplitMoELayer
+    return TokenSplitMoELayer
+
+
+_TokenSplitMoELayer = None

@@ -87,7 +87,7 @@ class Trainer:
         collective_check.install(self.engine.device)  # SAMOE_CHECK_COLLECTIVE_DEVICES=1 (the tests set it)
         self.iteration = 0
         self.consumed_samples = 0
-        self._aux_share_scale = self.groups.tp_size if cfg.parallel.sequence_parallel else 1
+        self._aux_share_scale = self.groups.tp_size  # MoE layers split the tokens over TP (SP or not)
         self.last_grad_norm = float("nan")
         self._grad_flow: dict = {}  # per-expert gradient norms of the step being logged
         self._start_time = time.time()

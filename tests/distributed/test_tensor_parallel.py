@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.test_expert_parallel import STEPS, _args, _assert_same_run, _grad_norm
+from tests.distributed.test_expert_parallel import (BF16_ADAM_EPS, BF16_ROUNDINGS, STEPS, _args, _assert_same_run,
+                                                    _grad_norm, assert_bf16_tracks)
 
 _references: dict = {}
 
@@ -25,11 +26,11 @@ def _tp_args(tmp, corpus, tok, kind, tp, ep, zero, *extra):
     return [*args, "--tensor-model-parallel-size", str(tp)]
 
 
-def _reference(tmp_path_factory, tiny_corpus, kind, *extra):
-    key = (kind, extra)
+def _reference(tmp_path_factory, tiny_corpus, kind, *extra, zero=0):
+    key = (kind, extra, zero)
     if key not in _references:
         tmp = tmp_path_factory.mktemp(f"ref_{kind}")
-        _references[key] = run_world(1, _tp_args(tmp, *tiny_corpus, kind, 1, 1, 0, *extra), STEPS, tmp / "out",
+        _references[key] = run_world(1, _tp_args(tmp, *tiny_corpus, kind, 1, 1, zero, *extra), STEPS, tmp / "out",
                                      probe=_grad_norm)
     return _references[key]
 
@@ -38,8 +39,10 @@ CASES = [  # (kind, TP, EP, ZeRO stage, extra flags)
     ("dense", 2, 1, 1, ()),  # TP2 x DP2
     ("dense", 2, 1, 0, ("--sequence-parallel",)),
     ("moe", 2, 2, 1, ("--sequence-parallel",)),  # TP2 x EP2: each TP rank holds 2 of the 4 experts
+    ("moe", 2, 2, 2, ()),  # without SP: the MoE layers split the tokens over TP themselves
     ("samoe", 2, 1, 2, ("--sequence-parallel",)),  # experts (the pool) replicated on the TP ranks
     ("samoe", 2, 2, 0, ("--sequence-parallel",)),
+    ("samoe", 2, 2, 1, ()),
 ]
 
 
@@ -51,3 +54,24 @@ def test_tensor_parallel_matches_single_process(tmp_path, tmp_path_factory, tiny
     assert [r["tp_rank"] for r in runs] == [0, 1, 0, 1]
     assert [r["ep_rank"] for r in runs] == [r % ep for r in range(4)]
     _assert_same_run(runs, ref)
+
+
+# bf16: the roundings of tests/distributed/test_expert_parallel.py's EP=2 case (13), and those TP adds
+# on the path of one gradient element, each a partial result rounded to bf16 before the TP sum where
+# the single process rounds the whole result once:
+#   - forward, each row-parallel layer (linear_proj, linear_fc2; 2 layers) sums the ranks' bf16
+#     partial outputs                                                                             4
+#   - backward, each column-parallel layer (linear_qkv, linear_fc1; 2 layers) sums the ranks' bf16
+#     partial input gradients, and so does the output layer                                      5
+#   - the pool's gradient shares of the two TP ranks (sequence parallelism) are added in bf16      1
+BF16_ROUNDINGS_TP = BF16_ROUNDINGS + 4 + 5 + 1
+
+
+def test_bf16_tensor_parallel_tracks_single_process(tmp_path, tmp_path_factory, tiny_corpus):
+    """SaMoE, bf16, ZeRO-1, TP2 x EP2 with sequence parallelism at world 4 follows the single-process
+    bf16 ZeRO-1 run within the bounds of assert_bf16_tracks for BF16_ROUNDINGS_TP roundings."""
+    extra = ("--bf16", "--adam-eps", BF16_ADAM_EPS)
+    ref = _reference(tmp_path_factory, tiny_corpus, "samoe", *extra, zero=1)
+    runs = run_world(4, _tp_args(tmp_path, *tiny_corpus, "samoe", 2, 2, 1, *extra, "--sequence-parallel"), STEPS,
+                     tmp_path / "out", probe=_grad_norm)
+    assert_bf16_tracks(runs, ref, BF16_ROUNDINGS_TP)

@@ -94,7 +94,6 @@ def test_ds_config_long_form_and_conflict():
     (["--tensor-model-parallel-size", "3", "--num-attention-heads", "4"],
      "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
     (["--tensor-model-parallel-size", "2", "--vocab-size", "101"], "--vocab-size 101 is not divisible by"),
-    (["--tensor-model-parallel-size", "2", "--num-experts", "4"], "needs --sequence-parallel (megatron-core"),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "33",
       "--max-position-embeddings", "64"], "--sequence-parallel splits --seq-length 33 over 2 ranks"),
     (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--num-experts", "4",
