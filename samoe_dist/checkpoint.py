@@ -326,26 +326,37 @@ def check_shared_filesystem(path: str, what: str, create: bool = True) -> None:
 
 def expected_files(trainer, load_dir: str, tag_dir: str, world: int) -> list[str]:
     """Every file a full checkpoint of this layout holds (any rank's loading reads from all of them:
-    DeepSpeed merges every ZeRO partition file), named as DeepSpeed's engine names them."""
+    DeepSpeed merges every ZeRO partition file), named as DeepSpeed's engine names them: per
+    tensor-parallel rank (its "model-parallel" rank) and, for ZeRO partitions, per data-parallel rank."""
     engine, tag = trainer.engine, os.path.basename(tag_dir)
+    tp = trainer.groups.tp_size
+    dp = world // tp
     files = [os.path.join(tag_dir, name) for name in (WEIGHTS, CONFIG, CLIENT)]
     files += [os.path.join(tag_dir, f"rng_rank{r}.pt") for r in range(world)]
-    files.append(engine._get_ckpt_name(load_dir, tag))  # the module and engine state
-    files += _expert_files(engine, load_dir, tag)
-    if engine.zero_optimization_stage() > 0:
-        files += [engine._get_rank_zero_ckpt_name(load_dir, tag, engine.checkpoint_mp_rank, r, engine.bfloat16_enabled())
-                  for r in range(world)]
-    elif engine.has_moe_layers:  # one optimizer file per expert-parallel rank of the largest EP group
+    for mp in range(tp):
+        files.append(engine._get_ckpt_name(load_dir, tag, mp_placeholder=f"{mp:02d}"))  # module and engine state
+        if engine.zero_optimization_stage() > 0:
+            files += [engine._get_rank_zero_ckpt_name(load_dir, tag, mp, r, engine.bfloat16_enabled())
+                      for r in range(dp)]
+    files += _expert_files(engine, load_dir, tag, world, tp)
+    if engine.zero_optimization_stage() == 0 and engine.has_moe_layers:
+        # one optimizer file per (TP rank, EP rank of the largest EP group) that some rank holds
         from deepspeed.utils import groups as ds_groups
 
         ep = ds_groups._get_expert_parallel_world_size(ds_groups._get_max_expert_size_name())
-        files += [engine._get_optimizer_ckpt_name(load_dir, tag, r) for r in range(ep)]
+        files += [os.path.join(tag_dir, f"expp_rank_{e}_mp_rank_{mp:02d}_optim_states.pt")
+                  for mp, e in _tp_ep_pairs(world, tp, ep)]
     if _per_rank_optimizer_state(trainer):
         files += [os.path.join(tag_dir, f"optim_rank{r}.pt") for r in range(world)]
     return files
 
 
-def _expert_files(engine, load_dir: str, tag: str) -> list[str]:
+def _tp_ep_pairs(world: int, tp: int, ep: int) -> list[tuple]:
+    """(TP rank, EP rank) of every rank: TP and EP groups are consecutive ranks (megatron's layout)."""
+    return sorted({(r % tp, r % ep) for r in range(world)})
+
+
+def _expert_files(engine, load_dir: str, tag: str, world: int, tp: int) -> list[str]:
     """DeepSpeed's per-expert files, one per (DeepSpeed MoE module, global expert): a standard MoE at
     EP > 1 has them through its marker (samoe_dist/ds_moe_marker.py). Numbered as the engine numbers
     them at save and load: the MoE modules in named_modules() order, then expert-parallel rank x
@@ -355,9 +366,13 @@ def _expert_files(engine, load_dir: str, tag: str) -> list[str]:
     from deepspeed.utils import groups as ds_groups
 
     moe = [m for _, m in engine.module.named_modules() if isinstance(m, MoE)]
-    return [engine._get_expert_ckpt_name(load_dir, layer, expert, tag, checkpoint_mp_rank=engine.checkpoint_mp_rank)
-            for layer, m in enumerate(moe)
-            for expert in range(m.num_local_experts * ds_groups._get_expert_parallel_world_size(m.expert_group_name))]
+    files = []
+    for layer, m in enumerate(moe):
+        ep = ds_groups._get_expert_parallel_world_size(m.expert_group_name)
+        for mp, e in _tp_ep_pairs(world, tp, ep):  # a rank reads its own experts under its own TP rank
+            files += [engine._get_expert_ckpt_name(load_dir, layer, e * m.num_local_experts + j, tag,
+                                                   checkpoint_mp_rank=mp) for j in range(m.num_local_experts)]
+    return files
 
 
 def _check_complete(trainer, load_dir: str, tag_dir: str, world: int) -> None:

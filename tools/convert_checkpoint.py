@@ -2,7 +2,7 @@
 
     # weights-only copy of the newest checkpoint, loadable at any EP size / world size
     python tools/convert_checkpoint.py reshard --load runs/a/ckpt --save runs/a/ckpt_ep1 \\
-        [--expert-model-parallel-size 1 --world-size 1]
+        [--expert-model-parallel-size 1 --tensor-model-parallel-size 1 --world-size 1]
     # the plain model (samoe_dist/export/plain_gpt.py): model.safetensors + model.json
     python tools/convert_checkpoint.py export --load runs/a/ckpt --output exported/model.safetensors
     # a plain model back into a weights-only training checkpoint (then: pretrain_samoe.py --load ...)
@@ -38,13 +38,16 @@ from samoe_dist.export.hf.convert import FORMATS  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("reshard", help="weights-only checkpoint for another expert-parallel size / world size")
+    r = sub.add_parser("reshard", help="weights-only checkpoint for another expert-/tensor-parallel size / world size")
     r.add_argument("--load", required=True, help="a run's --save directory, or one iter_* directory in it")
     r.add_argument("--save", required=True, help="new (or empty) directory for the weights-only checkpoint")
     r.add_argument("--expert-model-parallel-size", type=int, default=1,
                    help="EP size of the run that will load it; must divide --num-experts (default 1)")
+    r.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="TP size of the run that will load it; must divide the heads, FFN and vocabulary (default 1)")
     r.add_argument("--world-size", type=int, default=None,
-                   help="processes of the run that will load it; a multiple of the EP size (default: the EP size)")
+                   help="processes of the run that will load it; a multiple of the EP and TP sizes (default: the "
+                        "larger of them)")
     e = sub.add_parser("export", help="plain PyTorch model files (samoe_dist/export/plain_gpt.py)")
     e.add_argument("--load", required=True, help="a run's --save directory, or one iter_* directory in it")
     e.add_argument("--output", required=True,
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "reshard":
-            tag = reshard(args.load, args.save, args.expert_model_parallel_size, args.world_size)
+            tag = reshard(args.load, args.save, args.expert_model_parallel_size, args.world_size,
+                          args.tensor_model_parallel_size)
             print(f"wrote {tag} (weights only): --load {args.save}")
         elif args.command == "export":
             weights, config = export(args.load, args.output, overwrite=args.overwrite)

@@ -142,11 +142,21 @@ def _refuse_existing(*files: Path) -> None:
 
 
 # -- the three conversions -----------------------------------------------------------------------------
-def check_target_layout(run: dict, ep: int, world_size: int) -> None:
+def check_target_layout(run: dict, ep: int, world_size: int, tp: int = 1) -> None:
     """The target layout must be possible for this model (the trainer checks the same at start-up)."""
     experts = run["moe"].get("num_experts")
-    if ep < 1 or world_size < 1:
-        raise ConversionError(f"--expert-model-parallel-size {ep} and --world-size {world_size} must be >= 1")
+    if ep < 1 or world_size < 1 or tp < 1:
+        raise ConversionError(f"--expert-model-parallel-size {ep}, --tensor-model-parallel-size {tp} and --world-size "
+                              f"{world_size} must be >= 1")
+    if world_size % tp:
+        raise ConversionError(f"--tensor-model-parallel-size {tp} does not divide --world-size {world_size}; use a "
+                              f"world size that is a multiple of {tp}")
+    if tp > 1:
+        model = run["model"]
+        for field in ("num_attention_heads", "ffn_hidden_size", "vocab_size"):
+            if model.get(field) and model[field] % tp:
+                raise ConversionError(f"--tensor-model-parallel-size {tp} does not divide the checkpoint's "
+                                      f"--{field.replace('_', '-')} {model[field]}")
     if experts is None and ep > 1:
         raise ConversionError(f"--expert-model-parallel-size {ep}: the checkpoint is a dense model (no experts to "
                               f"shard); use 1")
@@ -158,24 +168,27 @@ def check_target_layout(run: dict, ep: int, world_size: int) -> None:
                               f"world size that is a multiple of {ep}")
 
 
-def reshard(load: str, save: str, ep: int = 1, world_size: Optional[int] = None) -> Path:
+def reshard(load: str, save: str, ep: int = 1, world_size: Optional[int] = None, tp: int = 1) -> Path:
     """Write the newest checkpoint of ``load`` as a weights-only checkpoint in ``save``.
 
-    The weights file is copied as is (it is already layout-free); config.json records the target
-    layout and where the weights came from. Returns the new tag directory.
+    The weights file is copied as is (it is already layout-free: whole tensor-parallel weights,
+    experts under their global index); config.json records the target layout (EP, TP, world) and
+    where the weights came from. Returns the new tag directory.
     """
-    world_size = ep if world_size is None else world_size
+    world_size = max(ep, tp) if world_size is None else world_size
     tag_dir = find_tag_dir(load)
     run, cfg = inspect_checkpoint(tag_dir)
-    check_target_layout(run, ep, world_size)
+    check_target_layout(run, ep, world_size, tp)
     _check_new_dir(Path(save), Path(load))
     source = {"checkpoint": str(tag_dir.resolve()), "layout": run.get("layout")}
     client = tag_dir / "client_state.json"
     if client.is_file():
         source.update(read_json(client, ""))
     out = {k: v for k, v in run.items() if k not in ("layout", "converted_from")}
-    out["parallel"] = {**out.get("parallel", {}), "expert_model_parallel_size": ep}
-    out["layout"] = {"world_size": world_size, "ep_size": ep}
+    out["parallel"] = {**out.get("parallel", {}), "expert_model_parallel_size": ep, "tensor_model_parallel_size": tp}
+    if tp == 1:
+        out["parallel"]["sequence_parallel"] = False
+    out["layout"] = {"world_size": world_size, "ep_size": ep, **({"tp_size": tp} if tp > 1 else {})}
     out["converted_from"] = source
 
     def write(new: Path) -> None:
@@ -183,8 +196,8 @@ def reshard(load: str, save: str, ep: int = 1, world_size: Optional[int] = None)
         _write_json(new / CONFIG, out)
 
     new_tag = _publish_checkpoint(Path(save), tag_dir.name, write)
-    logger.info("resharded %s (%s model) into %s for expert-parallel size %d, world size %d (weights only)",
-                tag_dir, cfg.kind, new_tag, ep, world_size)
+    logger.info("resharded %s (%s model) into %s for expert-parallel size %d, tensor-parallel size %d, world size "
+                "%d (weights only)", tag_dir, cfg.kind, new_tag, ep, tp, world_size)
     return new_tag
 
 

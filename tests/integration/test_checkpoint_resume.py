@@ -1,6 +1,7 @@
 """Exact resume: N steps, stop, resume to 2N equals 2N uninterrupted steps (2 processes, EP=2; the
 sharded pool at 4 processes, EP2 x EDP2, under ZeRO-0, whose optimizer state DeepSpeed would keep
-for one column slice only, and ZeRO-1)."""
+for one column slice only, and ZeRO-1; tensor parallelism at 4 processes, TP2 x EP2 with sequence
+parallelism, whose DeepSpeed files are per TP rank)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ KINDS = {  # kind: (flags, processes, ZeRO stage)
     "moe": (["--num-experts", "4"], 2, 1),
     "sharded-zero0": (SHARDED, 4, 0),
     "sharded-zero1": (SHARDED, 4, 1),
+    "tensor-parallel": ([*SAMOE, "--tensor-model-parallel-size", "2", "--sequence-parallel"], 4, 1),  # TP2 x EP2
 }
 
 

@@ -26,13 +26,16 @@ COMMON = ["--num-experts", "4", "--micro-batch-size", "2", "--global-batch-size"
           "--lr-warmup-iters", "1"]
 # (EP size, processes) each checkpoint is loaded at: one launch per kind keeps the test near a minute
 # (a 4-process launch costs ~20 s on 2 CPU cores, a 1-process one ~8 s, a 2-process one ~12 s).
-TARGETS = {"samoe": (4, 4), "moe": (1, 1), "shared": (1, 2), "sharded": (1, 2)}
+TARGETS = {"samoe": (4, 4), "moe": (1, 1), "shared": (1, 2), "sharded": (1, 2), "tensor-parallel": (1, 1)}
 KIND_FLAGS = {"samoe": ["--samoe-pool-size", "2"], "moe": [],
               "shared": ["--samoe-pool-size", "4", "--samoe-route-to-pool", "--moe-router-topk", "1"],
-              "sharded": ["--samoe-pool-size", "2"]}
+              "sharded": ["--samoe-pool-size", "2"], "tensor-parallel": ["--samoe-pool-size", "2"]}
 # The sharded kind is written by 4 processes, EP2 x EDP2, with the pool's columns split over EDP, and
 # loaded at EP1 on 2 processes with the pool replicated: model.safetensors holds it whole either way.
-SOURCE = {"sharded": (4, ["--samoe-pool-sharding", "sharded"])}
+# The tensor-parallel kind is written by 4 processes, TP2 x EP2 with sequence parallelism (the model
+# file holds whole weights), and loaded at TP1 x EP1 on 1 process.
+SOURCE = {"sharded": (4, ["--samoe-pool-sharding", "sharded"]),
+          "tensor-parallel": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])}
 
 
 def convert(*argv: str) -> subprocess.CompletedProcess:
