@@ -3,7 +3,7 @@
 Counts are global (the whole model, not one rank's shard): standard-MoE experts are sharded over
 the expert-parallel group, so their local count is multiplied by the EP size; the SaMoE pool and
 combination logits are counted once (a sharded pool's local column slice is multiplied by its
-shard count).
+shard count); a tensor-parallel weight's block is multiplied by the TP size.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from samoe_dist.config import RunConfig
+from samoe_dist.tensor_parallel import is_tp_sharded
 
 
 def classify(name: str, param: torch.Tensor) -> str:
@@ -40,7 +41,8 @@ def count_parameters(model: torch.nn.Module, cfg: RunConfig) -> dict[str, int]:
         if id(p) in seen:  # tied embedding/output weights
             continue
         seen.add(id(p))
-        counts[classify(name, p)] += p.numel() * getattr(p, "samoe_pool_shards", 1)
+        tp = cfg.parallel.tensor_model_parallel_size if is_tp_sharded(p) else 1
+        counts[classify(name, p)] += p.numel() * getattr(p, "samoe_pool_shards", 1) * tp
     counts["expert"] *= cfg.parallel.expert_model_parallel_size
     n_moe = len(cfg.moe_layer_indices())
     active_experts = n_moe * cfg.moe.moe_router_topk * expert_size(cfg) if cfg.moe.enabled else 0

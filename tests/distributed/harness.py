@@ -59,6 +59,7 @@ def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, probe
                 result["extra"].append(probe(trainer))
         result["ep_rank"] = trainer.groups.ep_rank
         result["tp_rank"] = trainer.groups.tp_rank
+        result["param_counts"] = trainer.param_counts
         from samoe_dist import collective_check
 
         result["collectives_checked"] = sorted(collective_check._INSTALLED)

@@ -53,6 +53,7 @@ def test_tensor_parallel_matches_single_process(tmp_path, tmp_path_factory, tiny
                      probe=_grad_norm)
     assert [r["tp_rank"] for r in runs] == [0, 1, 0, 1]
     assert [r["ep_rank"] for r in runs] == [r % ep for r in range(4)]
+    assert all(r["param_counts"] == ref[0]["param_counts"] for r in runs)  # whole-model counts on every rank
     _assert_same_run(runs, ref)
 
 
