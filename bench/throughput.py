@@ -16,6 +16,9 @@ pool of P; the dense model's FFN is k*f wide (its FLOPs per token are the MoEs' 
 - ``gmoe-cf``, ``samoe-cf``, ``samoe-sharded-cf``: ``gmoe``, ``samoe`` and ``samoe-sharded`` with megatron's capacity factor
   ``--capacity-factor`` (tokens over capacity dropped, not padded): DeepSpeed MoE's token policy
 - ``dense``: megatron's MLP, f_dense = k*f
+- ``dense-tp2``, ``samoe-tp2``: ``dense`` and ``samoe`` with ``--tensor-model-parallel-size 2
+  --sequence-parallel`` on the same processes (half the data-parallel replicas, the same global
+  batch), reported as a ``ratio`` record over the TP1 system.
 
 Token policies: ``moe``, ``gmoe``, ``samoe``, ``samoe-sharded`` are dropless; ``dsmoe``, ``gmoe-cf``,
 ``samoe-cf``, ``samoe-sharded-cf`` are capacity-bounded. Ratios are reported within a policy (``policy_ratio`` records: each
@@ -86,7 +89,11 @@ from throughput_report import load_run, markdown
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "bench", "throughput_worker.py")
-SYSTEMS = ("dense", "moe", "gmoe", "dsmoe", "samoe", "samoe-sharded", "gmoe-cf", "samoe-cf", "samoe-sharded-cf")
+SYSTEMS = ("dense", "moe", "gmoe", "dsmoe", "samoe", "samoe-sharded", "gmoe-cf", "samoe-cf", "samoe-sharded-cf",
+           "dense-tp2", "samoe-tp2")
+# "<system>-tp2": the same model and global batch with --tensor-model-parallel-size 2 --sequence-parallel
+# (half the data-parallel replicas, each split over 2 ranks): reported as a ratio to the TP1 system.
+TP2 = "-tp2"
 DROPLESS = ("moe", "gmoe", "samoe", "samoe-sharded")
 CAPACITY = ("dsmoe", "gmoe-cf", "samoe-cf", "samoe-sharded-cf")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
@@ -167,6 +174,8 @@ def _free_port() -> int:
 
 def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
     """The project's own flags for this system (pretrain_samoe.py's command line)."""
+    tp2 = system.endswith(TP2)
+    system = system.removesuffix(TP2)
     argv = ["--num-layers", a.num_layers, "--hidden-size", a.hidden_size,
             "--num-attention-heads", a.num_attention_heads, "--seq-length", a.seq_length,
             "--micro-batch-size", a.micro_batch_size, "--global-batch-size", a.micro_batch_size * world,
@@ -184,6 +193,8 @@ def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
         argv += ["--moe-expert-capacity-factor", a.capacity_factor]
     if dtype == "bf16":
         argv.append("--bf16")
+    if tp2:
+        argv += ["--tensor-model-parallel-size", 2, "--sequence-parallel"]
     return [str(x) for x in argv]
 
 
@@ -281,7 +292,7 @@ def flops_per_token(a, system: str) -> float:
     """Model FLOPs per token, forward + backward (see module docstring)."""
     h, L = a.hidden_size, a.num_layers
     expert = 2 * h * a.ffn_hidden_size
-    mlp = a.moe_router_topk * expert + (0 if system == "dense" else h * a.num_experts)
+    mlp = a.moe_router_topk * expert + (0 if system.removesuffix(TP2) == "dense" else h * a.num_experts)
     return 6.0 * (L * (4 * h * h + mlp) + h * a.vocab_size) + 12.0 * L * h * a.seq_length
 
 
@@ -372,6 +383,7 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
     ratios = []
     pairs = [("moe", n) for n in results if n != "moe" and "/" not in n]
     pairs += [("moe/no-malloc-env", "samoe/no-malloc-env"), ("samoe/no-malloc-env", "samoe"), ("moe/no-malloc-env", "moe")]
+    pairs += [(n.removesuffix(TP2), n) for n in results if n.endswith(TP2)]  # TP2 over TP1, same model and batch
     for base, other in pairs:  # tokens/s of `other` over `base`, paired per round
         if base in results and other in results:
             rec = {"type": "ratio", "ep": ep, "edp": edp, "layout": layout, "dtype": dtype, "numerator": other,

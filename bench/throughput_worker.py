@@ -200,7 +200,7 @@ def main() -> None:
     rss_import = _rss_bytes()
     cfg, ds_path = parse_args(spec["argv"])
     training.build_training_data = lambda cfg, groups: SyntheticData(
-        cfg.model.vocab_size, cfg.model.seq_length, cfg.training.micro_batch_size, groups.rank)
+        cfg.model.vocab_size, cfg.model.seq_length, cfg.training.micro_batch_size, groups.dp_rank)  # TP ranks: one batch
     if spec["system"] == "dsmoe":
         from functools import partial
 

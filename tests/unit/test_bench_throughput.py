@@ -169,3 +169,21 @@ def test_live_tensor_bytes_counts_each_storage_once():
     # nothing else allocates a tensor in between: the differences are exactly our storage
     assert with_big - before == 1000 * 257 * 4
     assert with_big - after == 1000 * 257 * 4
+
+
+def test_tp2_systems_are_the_same_run_split_over_two_ranks():
+    """dense-tp2 / samoe-tp2 add only TP 2 with sequence parallelism: same model, same global batch."""
+    from samoe_dist.arguments import parse_args
+    from samoe_dist.config import validate_layout
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    a = throughput.parse_args(["--quick", "--layouts", "1x2", "--systems", "dense,dense-tp2,samoe,samoe-tp2"])
+    for base in ("dense", "samoe"):
+        one, two = (throughput.trainer_argv(a, s, 1, 2, "fp32") for s in (base, base + "-tp2"))
+        assert two[:len(one)] == one and two[len(one):] == ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+        cfg, _ = parse_args(two)
+        assert validate_layout(cfg, 2) == 1 and cfg.training.global_batch_size == parse_args(one)[0].training.global_batch_size
