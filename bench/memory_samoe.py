@@ -85,7 +85,7 @@ def worker(args) -> dict:
     dist.init_process_group("gloo", rank=0, world_size=1)
     from megatron.core import parallel_state
 
-    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1, create_gloo_process_groups=False)
     cpu_compat.seed_model_parallel(1234)
 
     from samoe_dist.config import SaMoEConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -163,3 +164,11 @@ def write_checkpoint(save_dir: Path, model, cfg, groups, iteration: int = 3) -> 
     (tag_dir / "client_state.json").write_text(json.dumps({"iteration": iteration, "consumed_samples": 24}))
     (save_dir / "latest").write_text(tag_dir.name)
     return tag_dir
+
+
+@functools.lru_cache(maxsize=None)
+def convert_tool():
+    """tools/convert_checkpoint.py as a module, loaded once (its main() is the command line)."""
+    from samoe_dist.data.testing import load_tool
+
+    return load_tool("convert_checkpoint")

@@ -130,15 +130,15 @@ def test_compress_command_line_refusals(moe_checkpoint, tmp_path, capsys):
     assert "--pool-size 9" in err and "2 MoE layers x 4 experts = 8" in err
     assert "--pool-size 0" in _error(capsys, ["compress", "--load", ckpt, "--pool-size", "0", "--save", out])
     assert not (tmp_path / "samoe").exists()
-    from tests.unit.test_export_hf import _tool
+    from tests.helpers import convert_tool
 
-    assert _tool().main(["compress", "--load", ckpt, "--pool-size", "4", "--save", out]) == 0
+    assert convert_tool().main(["compress", "--load", ckpt, "--pool-size", "4", "--save", out]) == 0
     printed = capsys.readouterr().out
     assert "relative reconstruction error per MoE layer" in printed
     first = (tmp_path / "samoe" / "iter_0000000" / "model.safetensors").read_bytes()
     err = _error(capsys, ["compress", "--load", ckpt, "--pool-size", "2", "--save", out])
     assert "already exists and is not empty: pass --overwrite" in err
-    assert _tool().main(["compress", "--load", ckpt, "--pool-size", "2", "--save", out, "--overwrite"]) == 0
+    assert convert_tool().main(["compress", "--load", ckpt, "--pool-size", "2", "--save", out, "--overwrite"]) == 0
     assert (tmp_path / "samoe" / "iter_0000000" / "model.safetensors").read_bytes() != first
     saved = json.loads((tmp_path / "samoe" / "iter_0000000" / "config.json").read_text())
     assert saved["samoe"]["samoe_pool_size"] == 2

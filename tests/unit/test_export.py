@@ -8,8 +8,6 @@ plain model, whose logits must equal the training model's.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +20,7 @@ import torch
 
 from samoe_dist.export import PlainGPT
 from samoe_dist.export.convert import ConversionError, export, import_plain, reshard
-from tests.helpers import build_training_model, write_checkpoint
+from tests.helpers import build_training_model, convert_tool, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SAMOE = ["--num-experts", "4", "--samoe-pool-size", "3"]
@@ -144,14 +142,6 @@ def test_plain_model_file_runs_on_its_own(seeded, tmp_path):
 
 
 # -- bad input: one clear message each ------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "tools" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def checkpoint(seeded, tmp_path):
     model, cfg, groups = build_training_model(SAMOE)
@@ -159,7 +149,7 @@ def checkpoint(seeded, tmp_path):
 
 
 def _error(capsys, argv: list[str]) -> str:
-    assert _tool().main(argv) == 2
+    assert convert_tool().main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("convert_checkpoint.py"), err
     return err
@@ -200,7 +190,7 @@ def test_bad_inputs_end_with_one_clear_message(checkpoint, tmp_path, capsys):
     assert "incomplete" in _error(capsys, ["reshard", "--load", ckpt, "--save", new])
     (checkpoint.parent / "latest").write_text(checkpoint.name)
 
-    assert _tool().main(["export", "--load", ckpt, "--output", str(tmp_path / "e.safetensors")]) == 0
+    assert convert_tool().main(["export", "--load", ckpt, "--output", str(tmp_path / "e.safetensors")]) == 0
     assert "pass --overwrite" in _error(capsys, ["export", "--load", ckpt, "--output", str(tmp_path / "e.safetensors")])
     meta = json.loads((tmp_path / "e.json").read_text())
     (tmp_path / "e.json").write_text(json.dumps({**meta, "num_layers": 3}))

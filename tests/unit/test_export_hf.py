@@ -9,8 +9,6 @@ generate the plain model's greedy tokens, and ``AutoTokenizer`` must encode as t
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,10 +21,9 @@ import torch
 from samoe_dist.export import PlainGPT
 from samoe_dist.export.convert import ConversionError, export
 from samoe_dist.export.hf.convert import export_hf
-from tests.helpers import build_training_model, write_checkpoint
+from tests.helpers import build_training_model, convert_tool, write_checkpoint
 from tests.unit.test_export import CASES, SAMOE, tokens
 
-REPO = Path(__file__).resolve().parents[2]
 MIXTRAL = ["--num-experts", "4", "--moe-router-topk", "2", "--swiglu", "--normalization", "RMSNorm",
            "--no-moe-router-pre-softmax"]
 MIXTRAL_CASES = {
@@ -233,17 +230,9 @@ def test_mixtral_export_refuses_other_models_naming_each_flag(seeded, tmp_path, 
 
 
 # -- the command line: one clear line per bad input -----------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "tools" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _error(capsys, argv: list[str]) -> str:
     capsys.readouterr()  # what the test printed before (transformers' progress bars)
-    assert _tool().main(argv) == 2
+    assert convert_tool().main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("convert_checkpoint.py"), err
     return err
@@ -258,12 +247,12 @@ def test_export_hf_command_line(seeded, tmp_path, tokenizer64, tiny_corpus, caps
     err = _error(capsys, ["export-hf", "--load", ckpt, "--output", out, "--tokenizer-model", str(tiny_corpus[1])])
     assert "has 160 pieces but the model's vocabulary is 64" in err
     assert not Path(out).exists()
-    assert _tool().main(["export-hf", "--load", ckpt, "--output", out, "--tokenizer-model", str(tokenizer64)]) == 0
+    assert convert_tool().main(["export-hf", "--load", ckpt, "--output", out, "--tokenizer-model", str(tokenizer64)]) == 0
     first = (Path(out) / "model.safetensors").read_bytes()
     err = _error(capsys, ["export-hf", "--load", ckpt, "--output", out, "--tokenizer-model", str(tokenizer64)])
     assert "exists and is not empty: pass --overwrite" in err
     (Path(out) / "stale.txt").write_text("from before")
-    assert _tool().main(["export-hf", "--load", ckpt, "--output", out, "--tokenizer-model", str(tokenizer64),
+    assert convert_tool().main(["export-hf", "--load", ckpt, "--output", out, "--tokenizer-model", str(tokenizer64),
                          "--overwrite"]) == 0
     assert not (Path(out) / "stale.txt").exists() and (Path(out) / "model.safetensors").read_bytes() == first
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
