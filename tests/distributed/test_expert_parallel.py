@@ -74,9 +74,9 @@ def _assert_same_run(runs, ref):
                                        msg=lambda m: f"{name} after step {step}: {m}")
 
 
-CASES = [  # (world, ep, topk, zero stage)
-    (2, 1, 1, 0), (2, 1, 2, 1), (2, 2, 1, 2), (2, 2, 2, 0),
-    (4, 1, 2, 2), (4, 2, 1, 1), (4, 2, 2, 2), (4, 4, 1, 0), (4, 4, 2, 1),
+CASES = [  # (world, ep, topk, zero stage): every EP size of worlds 2 and 4, top-1 and top-2, ZeRO 0/1/2
+    (2, 1, 1, 0), (2, 2, 2, 1),
+    (4, 1, 2, 2), (4, 2, 1, 1), (4, 4, 2, 0), (4, 4, 1, 2),
 ]
 
 

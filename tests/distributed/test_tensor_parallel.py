@@ -40,6 +40,7 @@ CASES = [  # (kind, TP, EP, ZeRO stage, extra flags)
     ("dense", 2, 1, 0, ("--sequence-parallel",)),
     ("moe", 2, 2, 1, ("--sequence-parallel",)),  # TP2 x EP2: each TP rank holds 2 of the 4 experts
     ("moe", 2, 2, 2, ()),  # without SP: the MoE layers split the tokens over TP themselves
+    ("moe", 2, 1, 1, ()),  # TP2 x DP2, EP 1: megatron's experts on every rank, gradient shares summed over TP
     ("samoe", 2, 1, 2, ("--sequence-parallel",)),  # experts (the pool) replicated on the TP ranks
     ("samoe", 2, 2, 0, ("--sequence-parallel",)),
     ("samoe", 2, 2, 1, ()),

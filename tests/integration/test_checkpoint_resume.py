@@ -1,7 +1,7 @@
-"""Exact resume: N steps, stop, resume to 2N equals 2N uninterrupted steps (2 processes, EP=2; the
+"""Exact resume: N steps, stop, resume to 2N equals 2N uninterrupted steps (a standard MoE at 2 processes, EP=2; the
 sharded pool at 4 processes, EP2 x EDP2, under ZeRO-0, whose optimizer state DeepSpeed would keep
 for one column slice only, and ZeRO-1; tensor parallelism at 4 processes, TP2 x EP2 with sequence
-parallelism, whose DeepSpeed files are per TP rank)."""
+parallelism, whose DeepSpeed files are per TP rank: SaMoE's replicated pool at EP=2 under ZeRO-1, plus TP)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from tests.helpers import read_metrics, run_launcher, tiny_model_args
 SAMOE = ["--num-experts", "4", "--samoe-pool-size", "2"]
 SHARDED = [*SAMOE, "--samoe-pool-sharding", "sharded"]
 KINDS = {  # kind: (flags, processes, ZeRO stage)
-    "samoe": (SAMOE, 2, 1),
     "moe": (["--num-experts", "4"], 2, 1),
     "sharded-zero0": (SHARDED, 4, 0),
     "sharded-zero1": (SHARDED, 4, 1),

@@ -1,7 +1,7 @@
 """tools/convert_checkpoint.py reshard, end to end with the real launcher.
 
-A SaMoE, a shared-routing and a standard-MoE model train for a few steps at expert-parallel size 2 on 2 processes and
-save. ``reshard`` writes weights-only checkpoints for other layouts, and the trainer loads them
+A SaMoE and a standard-MoE model train for a few steps at expert-parallel size 2 on 2 processes (a
+sharded-pool SaMoE and a TP2 x EP2 one on 4) and save. ``reshard`` writes weights-only checkpoints for other layouts, and the trainer loads them
 there with a fresh optimizer, continuing the data stream and LR schedule at the source's iteration.
 The loss is the check that the model survived:
 
@@ -26,9 +26,8 @@ COMMON = ["--num-experts", "4", "--micro-batch-size", "2", "--global-batch-size"
           "--lr-warmup-iters", "1"]
 # (EP size, processes) each checkpoint is loaded at: one launch per kind keeps the test near a minute
 # (a 4-process launch costs ~20 s on 2 CPU cores, a 1-process one ~8 s, a 2-process one ~12 s).
-TARGETS = {"samoe": (4, 4), "moe": (1, 1), "shared": (1, 2), "sharded": (1, 2), "tensor-parallel": (1, 1)}
+TARGETS = {"samoe": (4, 4), "moe": (1, 1), "sharded": (1, 2), "tensor-parallel": (1, 1)}
 KIND_FLAGS = {"samoe": ["--samoe-pool-size", "2"], "moe": [],
-              "shared": ["--samoe-pool-size", "4", "--samoe-route-to-pool", "--moe-router-topk", "1"],
               "sharded": ["--samoe-pool-size", "2"], "tensor-parallel": ["--samoe-pool-size", "2"]}
 # The sharded kind is written by 4 processes, EP2 x EDP2, with the pool's columns split over EDP, and
 # loaded at EP1 on 2 processes with the pool replicated: model.safetensors holds it whole either way.
