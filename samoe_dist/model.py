@@ -21,6 +21,9 @@ from typing import Optional
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.mappings import (gather_from_sequence_parallel_region,
+                                                    scatter_to_sequence_parallel_region)
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -111,11 +114,31 @@ def block_spec(cfg: RunConfig, pool_ref=None) -> TransformerBlockSubmodules:
                 mlp = moe_layer.submodules.mlp
             mlp = _with_explicit_router(mlp)
             if cfg.parallel.tensor_model_parallel_size > 1 and not cfg.parallel.sequence_parallel:
-                from samoe_dist.tensor_parallel import token_split_moe_layer
-
-                mlp = dataclasses.replace(mlp, module=token_split_moe_layer())
+                mlp = dataclasses.replace(mlp, module=TokenSplitMoELayer)
             specs[i] = _with_mlp(moe_layer, mlp)
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=sp_norm or dense.submodules.input_layernorm)
+
+
+class TokenSplitMoELayer(MoELayer):
+    """megatron's ``MoELayer`` for TP > 1 without sequence parallelism.
+
+    megatron-core refuses to train an MoE layer under TP without SP: every TP rank would route and
+    compute all the tokens. This layer gives each TP rank 1/TP of the sequence (megatron's
+    ``scatter_to_sequence_parallel_region``: backward all-gathers the gradient), runs megatron's
+    layer on it exactly as under SP (its config says ``sequence_parallel``, so router and token
+    counts reduce over the TP group), and all-gathers the output (backward keeps this rank's block:
+    without SP the gradient arriving here is the same on every TP rank). The rest of the model is
+    plain TP (docs/DESIGN.md section 7)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(dataclasses.replace(config, sequence_parallel=True), *args, **kwargs)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        group = self.attn_tp_group
+        local = scatter_to_sequence_parallel_region(hidden_states, group=group)
+        output, bias = super().forward(local, *args, **kwargs)
+        output = gather_from_sequence_parallel_region(output, tensor_parallel_output_grad=False, group=group)
+        return output, bias
 
 
 class GPTLM(torch.nn.Module):
@@ -132,8 +155,6 @@ class GPTLM(torch.nn.Module):
             from samoe_dist.samoe.pool import attach_pool
 
             attach_pool(self.gpt, pool)
-        from megatron.core.transformer.moe.moe_layer import MoELayer
-
         self.routers = [m for m in self.gpt.modules() if isinstance(m, ExplicitLossRouter)]
         self.moe_layers = [m for m in self.gpt.modules() if isinstance(m, MoELayer)]
         self.samoe_experts = [m for m in self.gpt.modules() if hasattr(m, "combination_entropy")]
@@ -241,11 +262,7 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
     if groups.tp_size > 1:
         from samoe_dist.tensor_parallel import mark_tensor_parallel_weights
 
-        mark_tensor_parallel_weights(gpt)
-        if groups.ep_size > 1:  # EP groups span whole TP groups: a replica's TP ranks hold different
-            for p in gpt.parameters():  # experts, each counted by DeepSpeed's norm (summed over TP)
-                if getattr(p, "samoe_expert", False):
-                    p.model_parallel = True
+        mark_tensor_parallel_weights(gpt, groups.ep_size)
     initialize_parameters(gpt, tcfg, cfg.training.seed, expert_offset=groups.ep_rank * n_local,
                           tp_rank=groups.tp_rank, tp_size=groups.tp_size)
     if cfg.training.recompute_granularity == "full":

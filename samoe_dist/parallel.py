@@ -48,8 +48,6 @@ class ParallelGroups:
     tp_rank: int = 0
     tp_group: Any = None
     dp_group: Any = None  # the dense data-parallel group (the world when TP = 1)
-    dp_size: int = 0  # world / TP (set by init_distributed)
-    dp_rank: int = 0
 
     @property
     def edp_size(self) -> int:
@@ -60,9 +58,14 @@ class ParallelGroups:
     def edp_rank(self) -> int:
         return self.rank // self.ep_size  # EP groups are contiguous ranks
 
-    def __post_init__(self) -> None:
-        if not self.dp_size:  # TP = 1: every rank is a data-parallel replica
-            self.dp_size, self.dp_rank = self.world_size // self.tp_size, self.rank // self.tp_size
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas of the dense parameters: world / TP (PP = 1)."""
+        return self.world_size // self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size  # TP groups are consecutive ranks
 
     @property
     def is_main(self) -> bool:
@@ -106,7 +109,7 @@ class MegatronMPU:
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return (self._g.rank // self._g.tp_size) * self._g.tp_size
+        return self._g.dp_rank * self._g.tp_size
 
     def get_pipeline_model_parallel_world_size(self) -> int:
         return 1
@@ -186,8 +189,6 @@ def init_distributed(expert_model_parallel_size: int, timeout_minutes: float = 3
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-        dp_rank=parallel_state.get_data_parallel_rank(),
     )
     check_groups_agree(groups)
     return groups

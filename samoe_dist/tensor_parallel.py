@@ -31,13 +31,15 @@ def is_tp_sharded(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False)) and not getattr(param, "samoe_expert", False)
 
 
-def mark_tensor_parallel_weights(model: torch.nn.Module) -> int:
+def mark_tensor_parallel_weights(model: torch.nn.Module, ep_size: int) -> int:
     """Give megatron's TP-split weights their ``tensor_model_parallel`` / ``partition_dim`` marks.
 
     megatron sets them only inside its own initialisation, which the trainer turns off
     (``perform_initialization=False``, samoe_dist.init): column-parallel layers and the vocabulary
     embedding are split by rows (dim 0), row-parallel layers by columns (dim 1). Experts (expert TP 1)
-    are left unmarked. DeepSpeed's gradient norm reads the same marks. Returns how many were marked."""
+    are not split; at EP > 1 (EP groups span whole TP groups) a replica's TP ranks hold different
+    experts, so they get ``model_parallel``: DeepSpeed's gradient norm then counts them on every TP
+    rank and sums over TP, as it does for the split weights. Returns how many weights were split."""
     from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                       VocabParallelEmbedding,
                                                       set_tensor_model_parallel_attributes)
@@ -45,6 +47,9 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> int:
     n = 0
     for m in model.modules():
         if getattr(m, "is_expert", False):
+            if ep_size > 1:
+                for p in m.parameters(recurse=False):
+                    p.model_parallel = True
             continue
         dim = 0 if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding)) else (
             1 if isinstance(m, RowParallelLinear) else None)
@@ -141,39 +146,3 @@ class SequenceParallelNorm:
             p.sequence_parallel = config.sequence_parallel
         return norm
 
-
-def token_split_moe_layer():
-    """megatron's ``MoELayer`` for TP > 1 without sequence parallelism.
-
-    megatron-core refuses to train an MoE layer under TP without SP: every TP rank would route and
-    compute all the tokens. This layer gives each TP rank 1/TP of the sequence (megatron's
-    ``scatter_to_sequence_parallel_region``: backward all-gathers the gradient), runs megatron's
-    layer on it exactly as under SP (its config says ``sequence_parallel``, so router and token
-    counts reduce over the TP group), and all-gathers the output (backward keeps this rank's block:
-    without SP the gradient arriving here is the same on every TP rank). The rest of the model is
-    plain TP. Built lazily: the class derives from megatron's."""
-    global _TokenSplitMoELayer
-    if _TokenSplitMoELayer is not None:
-        return _TokenSplitMoELayer
-    import dataclasses
-
-    from megatron.core.tensor_parallel.mappings import (gather_from_sequence_parallel_region,
-                                                        scatter_to_sequence_parallel_region)
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    class TokenSplitMoELayer(MoELayer):
-        def __init__(self, config, *args, **kwargs):
-            super().__init__(dataclasses.replace(config, sequence_parallel=True), *args, **kwargs)
-
-        def forward(self, hidden_states, *args, **kwargs):
-            group = self.attn_tp_group
-            local = scatter_to_sequence_parallel_region(hidden_states, group=group)
-            output, bias = super().forward(local, *args, **kwargs)
-            output = gather_from_sequence_parallel_region(output, tensor_parallel_output_grad=False, group=group)
-            return output, bias
-
-    _TokenSplitMoELayer = TokenSplitMoELayer
-    return TokenSplitMoELayer
-
-
-_TokenSplitMoELayer = None

@@ -87,7 +87,6 @@ class Trainer:
         collective_check.install(self.engine.device)  # SAMOE_CHECK_COLLECTIVE_DEVICES=1 (the tests set it)
         self.iteration = 0
         self.consumed_samples = 0
-        self._aux_share_scale = self.groups.tp_size  # MoE layers split the tokens over TP (SP or not)
         self.last_grad_norm = float("nan")
         self._grad_flow: dict = {}  # per-expert gradient norms of the step being logged
         self._start_time = time.time()
@@ -123,8 +122,8 @@ class Trainer:
             self.engine.step()
             for name, value in parts.items():  # tensors: no host sync per micro-batch
                 part = value.detach().to(torch.float64) / self.gas
-                if name != "lm loss":  # an aux loss is this TP rank's share under sequence parallelism
-                    part = part * self._aux_share_scale
+                if name != "lm loss":  # an aux loss is this TP rank's share: MoE layers split tokens over TP
+                    part = part * self.groups.tp_size
                 sums[_key(name)] = sums[_key(name)] + part if _key(name) in sums else part
         self.consumed_samples += tr.global_batch_size
         self.iteration += 1
