@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from samoe_dist import cpu_compat
-from samoe_dist.config import RunConfig
+from samoe_dist.config import ConfigError, RunConfig
 from samoe_dist.gradient_flow import ReceivedTokens
 from samoe_dist.init import initialize_parameters
 from samoe_dist.router import ExplicitLossRouter
@@ -238,6 +238,10 @@ def _positions(tokens: torch.Tensor) -> torch.Tensor:
 
 def build_model(cfg: RunConfig, groups) -> GPTLM:
     """Build the model on this rank. ``groups`` is the run's ParallelGroups."""
+    if cfg.model.vocab_size % groups.tp_size:  # the tokenizer's size, known only now (config checks a given one)
+        raise ConfigError(f"the vocabulary has {cfg.model.vocab_size} tokens, which --tensor-model-parallel-size "
+                          f"{groups.tp_size} does not divide (the embedding and output are split by vocabulary "
+                          f"rows): use a TP size that divides it, or a tokenizer whose vocabulary it divides")
     tcfg = transformer_config(cfg)
     pool, pool_ref = None, None
     if cfg.samoe.enabled:

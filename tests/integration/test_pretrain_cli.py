@@ -135,3 +135,16 @@ def test_expert_parallel_from_the_cli(tmp_path, tiny_corpus, nprocs, ep):
     served = rec["pool_tokens"]  # [P]: the A-weighted sum over layers and experts
     assert len(served) == 2 and abs(sum(served) - sum(map(sum, routed))) < 1e-6 * sum(map(sum, routed))
     assert len(rec["pool_grad_norm"]) == 2 and all(g > 0 for g in rec["pool_grad_norm"])
+
+
+def test_vocabulary_not_divisible_by_tp_is_one_line(tmp_path):
+    """The tokenizer's vocabulary (161) is known only once the data is read; TP 2 cannot split it."""
+    from tests.helpers import make_tiny_corpus
+
+    corpus, tok = make_tiny_corpus(tmp_path / "odd", vocab_size=161)
+    run = run_launcher(2, tiny_model_args(tmp_path, corpus, tok, "--tensor-model-parallel-size", "2",
+                                          "--micro-batch-size", "2", "--train-iters", "1"))
+    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
+    assert "the vocabulary has 161 tokens, which --tensor-model-parallel-size 2 does not divide" in errors[0]
+    assert "Traceback" not in run.stderr
