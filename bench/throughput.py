@@ -14,7 +14,9 @@ pool of P; the dense model's FFN is k*f wide (its FLOPs per token are the MoEs' 
 - ``samoe-sharded``: the same with the pool's columns sharded over the expert-data-parallel group
   (``--samoe-pool-sharding sharded``); identical to ``samoe`` where that group has one rank
 - ``gmoe-cf``, ``samoe-cf``, ``samoe-sharded-cf``: ``gmoe``, ``samoe`` and ``samoe-sharded`` with megatron's capacity factor
-  ``--capacity-factor`` (tokens over capacity dropped, not padded): DeepSpeed MoE's token policy
+  ``--capacity-factor``, tokens over capacity dropped and every expert's input padded to its
+  capacity (``--moe-pad-expert-input-to-capacity``): DeepSpeed MoE's token policy, the same rows
+  computed (``--no-pad-to-capacity``: dropped, not padded)
 - ``dense``: megatron's MLP, f_dense = k*f
 - ``dense-tp2``, ``samoe-tp2``: ``dense`` and ``samoe`` with ``--tensor-model-parallel-size 2
   --sequence-parallel`` on the same processes (half the data-parallel replicas, the same global
@@ -121,6 +123,9 @@ def parse_args(argv=None):
                        help=f"default {PRESETS['default'][name]}, --quick {PRESETS['quick'][name]}")
     p.add_argument("--ds-config", default=os.path.join(REPO, "examples", "ds_config_cpu.json"))
     p.add_argument("--capacity-factor", type=float, default=1.0, help="DeepSpeed MoE's capacity factor")
+    p.add_argument("--no-pad-to-capacity", dest="pad_to_capacity", action="store_false",
+                   help="the megatron capacity systems (*-cf) drop over-capacity tokens without padding the "
+                        "experts' inputs to capacity (by default they pad, as DeepSpeed's MoE does)")
     p.add_argument("--matmul-reps", type=int, default=3, help="matmuls per peak measurement (best is kept)")
     p.add_argument("--malloc-compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also run moe and samoe without the glibc malloc settings (first group)")
@@ -191,6 +196,8 @@ def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
         argv += ["--samoe-pool-sharding", "sharded"]
     if system in CAPACITY and system != "dsmoe":
         argv += ["--moe-expert-capacity-factor", a.capacity_factor]
+        if a.pad_to_capacity:
+            argv.append("--moe-pad-expert-input-to-capacity")
     if dtype == "bf16":
         argv.append("--bf16")
     if tp2:
@@ -442,7 +449,7 @@ def main(argv=None) -> None:
               "loadavg_start": round(os.getloadavg()[0], 2), "systems": a.systems,
               "layouts": [f"{ep}x{edp}" for ep, edp in a.layout_list],
               "dtypes": a.dtype_list, **{k: getattr(a, k) for k in PRESETS["default"]},
-              "capacity_factor": a.capacity_factor, "ds_config": os.path.relpath(a.ds_config, REPO),
+              "capacity_factor": a.capacity_factor, "pad_to_capacity": a.pad_to_capacity, "ds_config": os.path.relpath(a.ds_config, REPO),
               "matmul_reps": a.matmul_reps, "malloc_env": MALLOC_ENV}
     emit(config)
     t0 = time.time()

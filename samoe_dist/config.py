@@ -91,6 +91,10 @@ class MoEConfig:
     moe_aux_loss_coeff: float = doc("Switch load-balancing loss coefficient.", default=0.01)
     moe_z_loss_coeff: Optional[float] = doc("Router z-loss coefficient (off when not given).", default=None)
     moe_expert_capacity_factor: Optional[float] = doc("Capacity factor; tokens over capacity are dropped (dropless when not given).", default=None)
+    moe_pad_expert_input_to_capacity: bool = doc(
+        "Pad every expert's tokens to its capacity with zero-weight tokens (DeepSpeed's and GShard's "
+        "policy; needs --moe-expert-capacity-factor): fixed shapes, no token-count exchange, one batched "
+        "GEMM per expert product; the same tokens are kept and the same result computed.", default=False)
     moe_layer_freq: int = doc("Every k-th transformer layer is an MoE layer (1: all).", default=1)
     moe_ffn_hidden_size: Optional[int] = doc("Expert FFN size (default --ffn-hidden-size).", default=None)
     moe_token_dispatcher_type: str = doc("megatron-core token dispatcher: 'alltoall' or 'allgather'.", default="alltoall")
@@ -115,6 +119,9 @@ class MoEConfig:
         if self.moe_expert_capacity_factor is not None:
             _require(self.moe_expert_capacity_factor > 0,
                      f"--moe-expert-capacity-factor must be > 0, got {self.moe_expert_capacity_factor}")
+        _require(not self.moe_pad_expert_input_to_capacity or self.moe_expert_capacity_factor is not None,
+                 "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor (the capacity to pad "
+                 "to); give one, or drop the padding flag for dropless routing")
         _require(self.moe_token_dispatcher_type in ("alltoall", "allgather"),
                  f"--moe-token-dispatcher-type must be 'alltoall' or 'allgather', got "
                  f"{self.moe_token_dispatcher_type!r}")

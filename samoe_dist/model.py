@@ -66,6 +66,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
             moe_aux_loss_coeff=moe.moe_aux_loss_coeff,
             moe_z_loss_coeff=moe.moe_z_loss_coeff,
             moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+            moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
             moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
             moe_router_pre_softmax=moe.moe_router_pre_softmax,
             moe_ffn_hidden_size=moe.moe_ffn_hidden_size,

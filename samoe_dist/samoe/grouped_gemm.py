@@ -18,6 +18,11 @@ a multiple of ``PAD_ROWS[dtype]`` (zero rows, which add nothing to either produc
 shapes to T / PAD_ROWS per group, which the cache then holds. It costs one copy of the inputs in and
 of the output out. fp32 (no per-shape cost measured) and non-CPU devices (the offsets are a device
 tensor; no per-shape build) are not padded.
+
+Equal groups: when every group has the same row count, as under
+``--moe-pad-expert-input-to-capacity`` (each expert gets exactly its capacity), both products are
+one ``torch.bmm`` on views of the inputs: fixed shapes, no offsets, no padding copies, on any device
+and dtype.
 """
 
 from __future__ import annotations
@@ -50,11 +55,14 @@ class GroupLayout:
     """The per-group row counts of one layer call, with their device offsets built once and reused
     by every grouped GEMM of the call, forward and backward (pass it where counts are taken)."""
 
-    __slots__ = ("counts", "_offsets")
+    __slots__ = ("counts", "_offsets", "uniform")
 
     def __init__(self, counts: Sequence[int]):
         self.counts = tuple(int(c) for c in counts)
         self._offsets: dict = {}
+        # The common row count when all groups have the same (nonzero) one, else None.
+        first = self.counts[0] if self.counts else 0
+        self.uniform = first if first > 0 and all(c == first for c in self.counts) else None
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -156,6 +164,8 @@ def grouped_matmul(x_TK: torch.Tensor, w_GKN: torch.Tensor, counts) -> torch.Ten
     if x_TK.shape[0] == 0:
         return x_TK.new_zeros(0, N)
     layout = _layout(counts)
+    if layout.uniform is not None:  # equal groups: one batched GEMM (module docstring)
+        return torch.bmm(x_TK.reshape(G, layout.uniform, K), w_GKN).reshape(-1, N)
     if _use_grouped(x_TK, K, N):
         pad = _padding(x_TK, layout.counts)
         if pad is not None:
@@ -172,6 +182,9 @@ def grouped_weight_grad(x_TK: torch.Tensor, dy_TN: torch.Tensor, counts) -> torc
     layout = _layout(counts)
     if x_TK.shape[0] == 0:
         return x_TK.new_zeros(len(layout), K, N)
+    if layout.uniform is not None:  # equal groups: one batched GEMM (module docstring)
+        G, c = len(layout), layout.uniform
+        return torch.bmm(x_TK.reshape(G, c, K).transpose(1, 2), dy_TN.reshape(G, c, N))
     if _use_grouped(x_TK, K, N):
         pad = _padding(x_TK, layout.counts)
         if pad is not None:

@@ -23,7 +23,8 @@ FROZEN_FLAGS = [
     "--keep-last-checkpoints", "--load", "--local-rank", "--local_rank", "--log-interval", "--lr",
     "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-iters", "--max-position-embeddings", "--merge-file",
     "--metrics-file", "--micro-batch-size", "--min-lr", "--moe-aux-loss-coeff",
-    "--moe-expert-capacity-factor", "--moe-ffn-hidden-size", "--moe-layer-freq", "--moe-router-pre-softmax",
+    "--moe-expert-capacity-factor", "--moe-ffn-hidden-size", "--moe-layer-freq", "--moe-pad-expert-input-to-capacity",
+    "--moe-router-pre-softmax",
     "--moe-router-topk", "--moe-token-dispatcher-type", "--moe-z-loss-coeff", "--no-moe-router-pre-softmax",
     "--normalization", "--num-attention-heads", "--num-experts", "--num-layers",
     "--override-opt-param-scheduler", "--overwrite-checkpoints", "--position-embedding-type",
@@ -42,7 +43,7 @@ MEGATRON_FLAGS = (
     "--min-lr --lr-decay-style --lr-warmup-iters --weight-decay --clip-grad --bf16 --seed --data-path "
     "--split --tokenizer-model --save --load --save-interval --eval-interval --eval-iters --log-interval "
     "--tensorboard-dir --num-experts --moe-router-topk --moe-aux-loss-coeff --moe-z-loss-coeff "
-    "--moe-expert-capacity-factor --moe-layer-freq --expert-model-parallel-size --tensor-model-parallel-size "
+    "--moe-expert-capacity-factor --moe-pad-expert-input-to-capacity --moe-layer-freq --expert-model-parallel-size --tensor-model-parallel-size "
     "--sequence-parallel"
 ).split()
 
@@ -88,6 +89,8 @@ def test_ds_config_long_form_and_conflict():
     (["--seq-length", "512", "--max-position-embeddings", "256"], "--seq-length 512 exceeds --max-position-embeddings 256"),
     (["--split", "a,b"], "--split must be"),
     (["--expert-model-parallel-size", "2"], "needs --num-experts"),
+    (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"],
+     "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor"),
     (["--num-layers", "0"], "--num-layers must be > 0"),
     (["--sequence-parallel"], "--sequence-parallel splits the sequence over the tensor-parallel group: it needs "
                               "--tensor-model-parallel-size > 1"),

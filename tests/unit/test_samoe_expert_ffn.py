@@ -30,7 +30,7 @@ def make_inputs(T, h, f, P, counts, gated, dtype, seed=0, scale=1.0):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("counts", [(3, 0, 4), (0, 7, 0), (2, 2, 3)])
+@pytest.mark.parametrize("counts", [(3, 0, 4), (0, 7, 0), (2, 2, 3), (3, 3, 3)])  # (3, 3, 3): equal groups
 def test_gradcheck_float64(gated, counts):
     x, probs, A, w1, w2, w3 = make_inputs(sum(counts), 4, 5, 3, counts, gated, torch.float64)
     act = F.silu if gated else F.gelu
@@ -195,3 +195,29 @@ def test_group_offsets_are_built_once_per_layer_call(monkeypatch):
     monkeypatch.setattr(grouped_gemm, "_offsets", lambda c, device: calls.append(c) or real(c, device))
     run()
     assert calls == [(5, 0, 9, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_equal_groups_are_one_batched_gemm(dtype, monkeypatch):
+    """Equal row counts (every expert padded to its capacity) take one torch.bmm for both products:
+    no offsets are built, and the results are the exact products up to an fp32 accumulation of at
+    most K = 32 terms (K * 2^-24 of the sum of |terms|; bf16 accumulates in fp32) and one rounding to
+    the dtype (2^-24 fp32, 2^-8 bf16, relative)."""
+    gen = torch.Generator().manual_seed(0)
+    counts, K, N = (8, 8, 8), 32, 48
+    x = torch.randn(sum(counts), K, generator=gen).to(dtype)
+    w = torch.randn(len(counts), K, N, generator=gen).to(dtype)
+    dy = torch.randn(sum(counts), N, generator=gen).to(dtype)
+    layout = grouped_gemm.GroupLayout(counts)
+    assert layout.uniform == 8 and grouped_gemm.GroupLayout((8, 0, 8)).uniform is None
+    monkeypatch.setattr(grouped_gemm, "_offsets", lambda *a: pytest.fail("equal groups built offsets"))
+    got = (grouped_gemm.grouped_matmul(x, w, layout), grouped_gemm.grouped_matmul(x, w.transpose(1, 2).contiguous().transpose(1, 2), layout),
+           grouped_gemm.grouped_weight_grad(x, dy, layout))
+    exact = (grouped_gemm._loop_matmul(x.double(), w.double(), counts),) * 2 + (
+        grouped_gemm._loop_weight_grad(x.double(), dy.double(), counts),)
+    magnitude = (grouped_gemm._loop_matmul(x.double().abs(), w.double().abs(), counts),) * 2 + (
+        grouped_gemm._loop_weight_grad(x.double().abs(), dy.double().abs(), counts),)
+    unit = torch.finfo(dtype).eps / 2
+    for g, ref, mag in zip(got, exact, magnitude):
+        assert g.shape == ref.shape and g.dtype == dtype
+        assert bool(((g.double() - ref).abs() <= unit * ref.abs() + K * 2.0 ** -24 * mag).all())

@@ -10,6 +10,7 @@ its backward of ``(y * G).sum()`` is compared with the oracle's gradient of
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -27,22 +28,29 @@ AUX, ZLOSS = 0.1, 0.01
 
 
 def _cases():
+    # cf "1.0p": capacity 1.0 with every expert's input padded to its capacity (zero-weight tokens):
+    # the same kept tokens, so the same oracle. At 1.0 some experts drop and others are padded.
     for top_m, k, cf, disp, gated, pre in itertools.product(
-        (0, 2), (1, 2), (None, 0.5), ("alltoall", "allgather"), (False, True), (True, False)
+        (0, 2), (1, 2), (None, 0.5, "1.0p"), ("alltoall", "allgather"), (False, True), (True, False)
     ):
         if k == 1 and not pre:
             continue  # megatron rejects it ("Please use --moe-router-pre-softmax when topk is 1")
+        if cf == "1.0p" and (top_m, gated) != (2, True):
+            continue  # padding is the dispatcher's and the GEMMs' business: one expert form suffices
         yield pytest.param(top_m, k, cf, disp, gated, pre,
                            id=f"m{top_m}-k{k}-cf{cf}-{disp}-{'glu' if gated else 'gelu'}-{'pre' if pre else 'post'}")
 
 
 def build(top_m, k, cf, disp, gated, pre, seed=0):
+    pad = cf == "1.0p"
+    cf = 1.0 if pad else cf
     from samoe_dist.samoe.testing import build_samoe_layer, moe_transformer_config
 
     torch.manual_seed(seed)
     cfg = moe_transformer_config(
         hidden_size=H, ffn_hidden_size=FFN, num_experts=N, topk=k, gated=gated, pre_softmax=pre,
         capacity_factor=cf, aux_loss_coeff=AUX, z_loss_coeff=ZLOSS, dispatcher=disp, dtype=DT,
+        moe_pad_expert_input_to_capacity=pad,
     )
     samoe = SaMoEConfig(samoe_pool_size=P, samoe_top_m=top_m, samoe_temperature=0.7, samoe_init="random")
     pool = ExpertPool(P, H, FFN, gated=gated, init_method_std=0.5, dtype=DT)
@@ -74,6 +82,9 @@ def oracle_grads(x_SBH, G, layer, pool, samoe, cfg, gated):
 @pytest.mark.parametrize("top_m,k,cf,disp,gated,pre", list(_cases()))
 def test_samoe_layer_matches_oracle(seeded, top_m, k, cf, disp, gated, pre):
     cfg, samoe, pool, layer = build(top_m, k, cf, disp, gated, pre)
+    seen = []
+    experts_forward = layer.experts.forward
+    layer.experts.forward = lambda h, counts, probs: seen.append([int(c) for c in counts]) or experts_forward(h, counts, probs)
     x = torch.randn(SEQ, BATCH, H, dtype=DT, requires_grad=True)
     y, bias = layer(x)
     assert bias is None and y.shape == x.shape
@@ -83,6 +94,9 @@ def test_samoe_layer_matches_oracle(seeded, top_m, k, cf, disp, gated, pre):
     y_ref, ref, kept = oracle_grads(x, G, layer, pool, samoe, cfg, gated)
     if cf is not None:
         assert len(kept) < SEQ * BATCH * k, "the capacity-bounded case dropped no token"
+    if cf == "1.0p":  # every expert got exactly its capacity, more rows than were kept
+        capacity = math.ceil(SEQ * BATCH * k / N * 1.0)
+        assert seen == [[capacity] * N] and N * capacity > len(kept)
     torch.testing.assert_close(y.reshape(-1, H), y_ref, rtol=RTOL, atol=ATOL)
     got = {
         "x": x.grad.reshape(-1, H),
