@@ -31,7 +31,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from samoe_dist.samoe.grouped_gemm import GroupLayout, grouped_matmul, grouped_weight_grad
-from samoe_dist.samoe.pool import PoolGradSink, PoolShard, gather_columns, reduce_scatter_columns
+from samoe_dist.samoe.pool import (PoolGradSink, PoolShard, gather_columns, gather_columns_many,
+                                   reduce_scatter_columns, reduce_scatter_columns_many)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,15 @@ class PoolAccess:
 _PLAIN = PoolAccess()
 
 
+def _local_flat(A_nP: Optional[torch.Tensor], w_pool: torch.Tensor, access: PoolAccess) -> torch.Tensor:
+    """This rank's [n, D] (sharded: [n, D/S]) flat experts, before any gather."""
+    P = w_pool.shape[0]
+    if A_nP is None:
+        lo, hi = access.rows if access.rows is not None else (0, P)
+        return w_pool[lo:hi].reshape(hi - lo, -1)
+    return A_nP @ w_pool.reshape(P, -1)
+
+
 def materialize(A_nP: Optional[torch.Tensor], w_pool: torch.Tensor, access: PoolAccess = _PLAIN,
                 index: int = 0) -> torch.Tensor:
     """Layer experts from the pool: ``einsum('np,p...->n...')`` as one GEMM on the flat pool
@@ -60,27 +70,31 @@ def materialize(A_nP: Optional[torch.Tensor], w_pool: torch.Tensor, access: Pool
     weights are pool rows used as they are (``access.rows``; all of them by default).
     ``index`` is the tensor's position in (w1, w2, w3)."""
     shape = access.shapes[index] if access.shapes is not None else tuple(w_pool.shape[1:])
-    P = w_pool.shape[0]
-    if A_nP is None:
-        if access.rows is None and access.shard is None:
-            return w_pool
-        lo, hi = access.rows if access.rows is not None else (0, P)
-        local_nD = w_pool[lo:hi].reshape(hi - lo, -1)
-    else:
-        local_nD = A_nP @ w_pool.reshape(P, -1)
+    if A_nP is None and access.rows is None and access.shard is None:
+        return w_pool
+    local_nD = _local_flat(A_nP, w_pool, access)
     if access.shard is not None:
         local_nD = gather_columns(local_nD, access.shard)
     return local_nD.view(local_nD.shape[0], *shape)
 
 
+def materialize_many(A_nP: Optional[torch.Tensor], pools: Sequence[torch.Tensor], access: PoolAccess,
+                     indices: Sequence[int]) -> list:
+    """Sharded pool: :func:`materialize` of several pool tensors with ONE all-gather over the shard
+    group (``indices``: each tensor's position in (w1, w2, w3))."""
+    fulls = gather_columns_many([_local_flat(A_nP, w, access) for w in pools], access.shard)
+    return [f.view(f.shape[0], *access.shapes[i]) for f, i in zip(fulls, indices)]
+
+
 def _map_weight_grad(dW_n: torch.Tensor, A_nP: Optional[torch.Tensor], w_pool: torch.Tensor, need_pool: bool,
-                     need_A: bool, access: PoolAccess = _PLAIN, index: int = 0):
+                     need_A: bool, access: PoolAccess = _PLAIN, index: int = 0, scattered: bool = False):
     """(dW_pool, dA_nP) of a materialised weight's gradient dW_n (None where not needed, and the
     pool's None when a sink takes it). Sharded: dW_n is first reduce-scattered over the shard group
-    to this rank's columns, summed over the group's replicas of these experts."""
+    to this rank's columns, summed over the group's replicas of these experts (``scattered``: that
+    was done already, dW_n is this rank's [n, D/S])."""
     n = dW_n.shape[0]
     dW_nD = dW_n.reshape(n, -1)
-    if access.shard is not None:
+    if access.shard is not None and not scattered:
         dW_nD = reduce_scatter_columns(dW_nD, access.shard)
     P = w_pool.shape[0]
     d_pool = d_A = None
@@ -148,20 +162,38 @@ def _row_dot(a_TF: torch.Tensor, b_TF: torch.Tensor, dtype: torch.dtype, rows: i
     return out_T
 
 
-def _fc1_backward(x_TH, dz_TF, A_nP, w_PHF, dA_nP, counts, need_x: bool, need_w: bool, access, index):
-    """(dx_TH, dW_pool) of one fc1 half; accumulates its combination gradient into dA_nP."""
+def _fc1_backward(x_TH, dz_TF, A_nP, w_PHF, dA_nP, counts, need_x: bool, need_w: bool, access, index,
+                  W_nHF=None, deferred=None):
+    """(dx_TH, dW_pool) of one fc1 half; accumulates its combination gradient into dA_nP. With
+    ``deferred`` (a list; the sharded pool's fused path) the weight gradient is appended there,
+    unmapped, and the pool's gradient is returned later; ``W_nHF`` is then the gathered weight."""
     dx_TH = dw_pool = None
     if need_x:
-        W_nHF = materialize(A_nP, w_PHF, access, index)
+        if W_nHF is None:
+            W_nHF = materialize(A_nP, w_PHF, access, index)
         dx_TH = grouped_matmul(dz_TF, W_nHF.transpose(1, 2), counts)
         del W_nHF
     need_A = dA_nP is not None
     if need_w or need_A:
         dW_nHF = grouped_weight_grad(x_TH, dz_TF, counts)
+        if deferred is not None:
+            deferred.append((index, dW_nHF, w_PHF, need_w))
+            return dx_TH, None
         dw_pool, dA = _map_weight_grad(dW_nHF, A_nP, w_PHF, need_w, need_A, access, index)
         if need_A:
             dA_nP += dA
     return dx_TH, dw_pool
+
+
+def _gather_weights(A_nP, pools, access: PoolAccess, indices: Sequence[int]) -> dict:
+    """{index: gathered weight} of the pool tensors at ``indices`` (into (w1, w2, w3)), one all-gather."""
+    return dict(zip(indices, materialize_many(A_nP, [pools[i] for i in indices], access, indices)))
+
+
+def _take(weights: dict, index: int) -> torch.Tensor:
+    """Remove and return weight ``index``: a tensor, or a thunk that materialises it now."""
+    w = weights.pop(index)
+    return w() if callable(w) else w
 
 
 class MaterializedExpertFFN(torch.autograd.Function):
@@ -177,13 +209,18 @@ class MaterializedExpertFFN(torch.autograd.Function):
                 access: PoolAccess):
         gated = w3_PHF is not None
         counts = GroupLayout(counts)  # device offsets built once, reused by every GEMM of this call
-        z1_TF = grouped_matmul(x_TH, materialize(A_nP, w1_PHF, access, 0), counts)  # W1_nHF freed here
-        z3_TF = grouped_matmul(x_TH, materialize(A_nP, w3_PHF, access, 2), counts) if gated else None
+        if access.shard is not None:  # sharded pool: every weight of the call in one all-gather
+            W = _gather_weights(A_nP, (w1_PHF, w2_PFH, w3_PHF), access, (0, 2, 1) if gated else (0, 1))
+        else:  # one materialised weight alive at a time
+            W = {0: lambda: materialize(A_nP, w1_PHF, access, 0), 1: lambda: materialize(A_nP, w2_PFH, access, 1),
+                 2: lambda: materialize(A_nP, w3_PHF, access, 2)}
+        z1_TF = grouped_matmul(x_TH, _take(W, 0), counts)  # W1_nHF freed here
+        z3_TF = grouped_matmul(x_TH, _take(W, 2), counts) if gated else None
         hidden_TF = _activation(activation, z1_TF)
         if gated:
             hidden_TF.mul_(z3_TF)
         hidden_TF.mul_(probs_T.unsqueeze(-1))  # megatron's per_token_scale, kept in x's dtype
-        y_TH = grouped_matmul(hidden_TF, materialize(A_nP, w2_PFH, access, 1), counts)  # W2_nFH freed here
+        y_TH = grouped_matmul(hidden_TF, _take(W, 1), counts)  # W2_nFH freed here
 
         ctx.access = access
         ctx.counts = counts
@@ -201,8 +238,15 @@ class MaterializedExpertFFN(torch.autograd.Function):
         dA_nP = torch.zeros_like(A_nP) if need_A else None
         probs_T1 = probs_T.unsqueeze(-1)
 
-        # fc2 input gradient: one materialised weight alive at a time.
-        W2_nFH = materialize(A_nP, w2_PFH, access, 1)
+        # Sharded pool: the call's weights in one all-gather, and its weight gradients in one
+        # reduce-scatter at the end (``deferred``). Otherwise one materialised weight alive at a time.
+        fused = access.shard is not None
+        deferred = [] if fused else None
+        W = {}
+        if fused:
+            W = _gather_weights(A_nP, (w1_PHF, w2_PFH, w3_PHF), access,
+                                (1, 0, 2) if gated and need_x else (1, 0) if need_x else (1,))
+        W2_nFH = W.pop(1) if fused else materialize(A_nP, w2_PFH, access, 1)
         dhidden_TF = grouped_matmul(dy_TH, W2_nFH.transpose(1, 2), counts)
         del W2_nFH
 
@@ -218,10 +262,13 @@ class MaterializedExpertFFN(torch.autograd.Function):
             hidden_TF = gate_TF.mul_(probs_T1)  # in place: act_TF is not needed again unless gated
             dW2_nFH = grouped_weight_grad(hidden_TF, dy_TH, counts)
             del hidden_TF
-            dw2, dA2 = _map_weight_grad(dW2_nFH, A_nP, w2_PFH, need_w2, need_A, access, 1)
+            if fused:
+                deferred.append((1, dW2_nFH, w2_PFH, need_w2))
+            else:
+                dw2, dA2 = _map_weight_grad(dW2_nFH, A_nP, w2_PFH, need_w2, need_A, access, 1)
+                if need_A:
+                    dA_nP += dA2
             del dW2_nFH
-            if need_A:
-                dA_nP += dA2
         del gate_TF
 
         # Back through the prob scale, the gate and the activation.
@@ -235,13 +282,25 @@ class MaterializedExpertFFN(torch.autograd.Function):
         del dgate_TF, dhidden_TF
 
         # fc1 (and its gated half).
-        dx_TH, dw1 = _fc1_backward(x_TH, dz1_TF, A_nP, w1_PHF, dA_nP, counts, need_x, need_w1, access, 0)
+        dx_TH, dw1 = _fc1_backward(x_TH, dz1_TF, A_nP, w1_PHF, dA_nP, counts, need_x, need_w1, access, 0,
+                                   W.pop(0, None), deferred)
         del dz1_TF
         dw3 = None
         if gated:
-            dx3_TH, dw3 = _fc1_backward(x_TH, dz3_TF, A_nP, w3_PHF, dA_nP, counts, need_x, need_w3, access, 2)
+            dx3_TH, dw3 = _fc1_backward(x_TH, dz3_TF, A_nP, w3_PHF, dA_nP, counts, need_x, need_w3, access, 2,
+                                        W.pop(2, None), deferred)
             if need_x:
                 dx_TH = dx_TH + dx3_TH
+        if deferred:  # one reduce-scatter; mapped in the unfused order (w2, w1, w3), so dA sums alike
+            parts = reduce_scatter_columns_many([dW.reshape(dW.shape[0], -1) for _, dW, _, _ in deferred], access.shard)
+            pool_grads = {}
+            for (index, _, w_pool, need_w), part in zip(deferred, parts):
+                pool_grads[index], dA = _map_weight_grad(part, A_nP, w_pool, need_w, need_A, access, index,
+                                                         scattered=True)
+                if need_A:
+                    dA_nP += dA
+            del deferred, parts
+            dw1, dw2, dw3 = pool_grads.get(0), pool_grads.get(1), pool_grads.get(2)
         return dx_TH, dprobs_T, dA_nP, dw1, dw2, dw3, None, None, None
 
 

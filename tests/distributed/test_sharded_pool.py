@@ -11,8 +11,9 @@ the rounding bound of tests/distributed/test_expert_parallel.py).
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tests.distributed.harness import run_world
+from tests.distributed.harness import run_fn, run_world
 from tests.distributed.test_expert_parallel import (BF16_ADAM_EPS, BF16_ROUNDINGS, STEPS, _args, _assert_same_run,
                                                     _grad_norm, _reference, assert_bf16_tracks)
 
@@ -59,3 +60,87 @@ def test_sharded_bf16_tracks_single_process(tmp_path, tmp_path_factory, tiny_cor
     runs = run_world(4, _args(tmp_path, *tiny_corpus, "samoe", 2, 2, 1, *SHARDED, *extra), STEPS,
                      tmp_path / "out", probe=_grad_norm)
     assert_bf16_tracks(runs, ref, BF16_ROUNDINGS + 1)
+
+
+H, F, P, N_LOCAL = 4, 6, 3, 2  # H * F = 24 columns per pool expert, 12 per rank at S = 2
+
+
+def _pool_tensors(gated):
+    gen = torch.Generator().manual_seed(11)
+    shapes = ((H, F), (F, H), (H, F)) if gated else ((H, F), (F, H))
+    return [torch.randn(P, *shape, generator=gen, dtype=torch.float64) for shape in shapes], shapes
+
+
+def sharded_ffn_call(groups, gated):
+    """One sharded expert FFN call on this rank's tokens (rank-dependent), counting the collectives."""
+    from samoe_dist.samoe import pool as pool_mod
+    from samoe_dist.samoe.expert_ffn import PoolAccess, materialized_expert_ffn
+
+    counted = {"all_gather": 0, "reduce_scatter": 0}
+    all_gather, reduce_scatter = pool_mod._collectives()
+
+    def counting():
+        def ag(*a, **k):
+            counted["all_gather"] += 1
+            return all_gather(*a, **k)
+
+        def rs(*a, **k):
+            counted["reduce_scatter"] += 1
+            return reduce_scatter(*a, **k)
+        return ag, rs
+
+    pool_mod._collectives = counting
+    shard = pool_mod.PoolShard(groups.expert_dp_group, groups.edp_size, groups.edp_rank)
+    full, shapes = _pool_tensors(gated)
+    lo, hi = shard.columns(H * F)
+    local = [w.reshape(P, -1)[:, lo:hi].clone().requires_grad_() for w in full]
+    x, probs, A, G = _tokens(groups.rank)
+    y = materialized_expert_ffn(x, probs, (3, 2), A, local[0], local[1], local[2] if gated else None,
+                                torch.nn.functional.silu, PoolAccess(shard=shard, shapes=shapes))
+    after_forward = dict(counted)
+    (y * G).sum().backward()
+    return {"y": y.detach(), "dx": x.grad, "dA": A.grad, "dpool": [w.grad for w in local], "columns": (lo, hi),
+            "forward": after_forward, "total": dict(counted)}
+
+
+def _tokens(rank):
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(5, H, generator=gen, dtype=torch.float64).requires_grad_()
+    probs = torch.rand(5, generator=gen, dtype=torch.float64)
+    A = torch.softmax(torch.randn(N_LOCAL, P, generator=torch.Generator().manual_seed(5), dtype=torch.float64), -1)
+    G = torch.randn(5, H, generator=gen, dtype=torch.float64)
+    return x, probs, A.requires_grad_(), G
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu-shapes", "swiglu"])
+def test_sharded_call_is_one_gather_each_way_and_one_reduce_scatter(tmp_path, gated):
+    """EDP = 2: a layer call gathers all its weights in ONE all-gather in forward and one in backward,
+    and reduce-scatters all its weight gradients in ONE reduce-scatter, whatever the number of pool
+    tensors; outputs, token gradients, the pool slices' gradients (summed over the group's tokens) and
+    the combination gradient (summed over the column shards) equal plain autograd on the whole pool.
+    float64 throughout: every value is a sum of at most H * F = 24 products of order 1-10 taken in
+    another order, so the paths differ by about 24 * 2^-53 * 10^2 < 1e-12."""
+    from samoe_dist.samoe.expert_ffn import reference_expert_ffn
+
+    runs = run_fn(2, 1, sharded_ffn_call, (gated,), tmp_path)
+    full, _ = _pool_tensors(gated)
+    leaves = [w.clone().requires_grad_() for w in full]
+    A_ref = None
+    total_loss = 0
+    for rank, res in enumerate(runs):
+        assert res["forward"] == {"all_gather": 1, "reduce_scatter": 0}
+        assert res["total"] == {"all_gather": 2, "reduce_scatter": 1}
+        x, probs, A, G = _tokens(rank)
+        A_ref = A if A_ref is None else A_ref
+        y = reference_expert_ffn(x, probs, (3, 2), A_ref, leaves[0], leaves[1], leaves[2] if gated else None,
+                                 torch.nn.functional.silu)
+        torch.testing.assert_close(res["y"], y.detach(), rtol=1e-12, atol=1e-12)
+        (dx,) = torch.autograd.grad((y * G).sum(), x, retain_graph=True)
+        torch.testing.assert_close(res["dx"], dx, rtol=1e-12, atol=1e-12)
+        total_loss = total_loss + (y * G).sum()
+    grads = torch.autograd.grad(total_loss, [*leaves, A_ref])
+    for rank, res in enumerate(runs):
+        lo, hi = res["columns"]
+        for got, want in zip(res["dpool"], grads[:-1]):
+            torch.testing.assert_close(got, want.reshape(P, -1)[:, lo:hi], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(runs[0]["dA"] + runs[1]["dA"], grads[-1], rtol=1e-12, atol=1e-12)
