@@ -25,6 +25,7 @@ model's :class:`~samoe_dist.samoe.pool.PoolGradSink` instead of back through aut
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -32,7 +33,7 @@ import torch
 
 from samoe_dist.samoe.grouped_gemm import GroupLayout, grouped_matmul, grouped_weight_grad
 from samoe_dist.samoe.pool import (PoolGradSink, PoolShard, gather_columns, gather_columns_many,
-                                   reduce_scatter_columns, reduce_scatter_columns_many)
+                                   reduce_scatter_columns_many)
 
 
 @dataclass(frozen=True)
@@ -87,15 +88,12 @@ def materialize_many(A_nP: Optional[torch.Tensor], pools: Sequence[torch.Tensor]
 
 
 def _map_weight_grad(dW_n: torch.Tensor, A_nP: Optional[torch.Tensor], w_pool: torch.Tensor, need_pool: bool,
-                     need_A: bool, access: PoolAccess = _PLAIN, index: int = 0, scattered: bool = False):
+                     need_A: bool, access: PoolAccess = _PLAIN, index: int = 0):
     """(dW_pool, dA_nP) of a materialised weight's gradient dW_n (None where not needed, and the
-    pool's None when a sink takes it). Sharded: dW_n is first reduce-scattered over the shard group
-    to this rank's columns, summed over the group's replicas of these experts (``scattered``: that
-    was done already, dW_n is this rank's [n, D/S])."""
+    pool's None when a sink takes it). Sharded: dW_n is this rank's [n, D/S] columns, already
+    reduce-scattered over the shard group (summed over the group's replicas of these experts)."""
     n = dW_n.shape[0]
     dW_nD = dW_n.reshape(n, -1)
-    if access.shard is not None and not scattered:
-        dW_nD = reduce_scatter_columns(dW_nD, access.shard)
     P = w_pool.shape[0]
     d_pool = d_A = None
     if A_nP is None:  # the experts are pool rows [lo, hi)
@@ -162,32 +160,39 @@ def _row_dot(a_TF: torch.Tensor, b_TF: torch.Tensor, dtype: torch.dtype, rows: i
     return out_T
 
 
+def _weight_grad(dW_n, A_nP, w_pool, need_w: bool, dA_nP, access: PoolAccess, index: int, deferred):
+    """The pool's gradient of a weight's dW_n (None where not needed or a sink takes it); its
+    combination gradient is added into dA_nP. Sharded pool (``deferred``, a list): dW_n is kept
+    there unmapped for the call's one reduce-scatter, and None is returned."""
+    if deferred is not None:
+        deferred.append((index, dW_n, w_pool, need_w))
+        return None
+    dw_pool, dA = _map_weight_grad(dW_n, A_nP, w_pool, need_w, dA_nP is not None, access, index)
+    if dA_nP is not None:
+        dA_nP += dA
+    return dw_pool
+
+
 def _fc1_backward(x_TH, dz_TF, A_nP, w_PHF, dA_nP, counts, need_x: bool, need_w: bool, access, index,
-                  W_nHF=None, deferred=None):
-    """(dx_TH, dW_pool) of one fc1 half; accumulates its combination gradient into dA_nP. With
-    ``deferred`` (a list; the sharded pool's fused path) the weight gradient is appended there,
-    unmapped, and the pool's gradient is returned later; ``W_nHF`` is then the gathered weight."""
+                  weights: dict, deferred):
+    """(dx_TH, dW_pool) of one fc1 half (``weights``: :func:`_call_weights`); accumulates its
+    combination gradient into dA_nP (see :func:`_weight_grad` for ``deferred``)."""
     dx_TH = dw_pool = None
     if need_x:
-        if W_nHF is None:
-            W_nHF = materialize(A_nP, w_PHF, access, index)
-        dx_TH = grouped_matmul(dz_TF, W_nHF.transpose(1, 2), counts)
-        del W_nHF
-    need_A = dA_nP is not None
-    if need_w or need_A:
+        dx_TH = grouped_matmul(dz_TF, _take(weights, index).transpose(1, 2), counts)  # weight freed here
+    if need_w or dA_nP is not None:
         dW_nHF = grouped_weight_grad(x_TH, dz_TF, counts)
-        if deferred is not None:
-            deferred.append((index, dW_nHF, w_PHF, need_w))
-            return dx_TH, None
-        dw_pool, dA = _map_weight_grad(dW_nHF, A_nP, w_PHF, need_w, need_A, access, index)
-        if need_A:
-            dA_nP += dA
+        dw_pool = _weight_grad(dW_nHF, A_nP, w_PHF, need_w, dA_nP, access, index, deferred)
     return dx_TH, dw_pool
 
 
-def _gather_weights(A_nP, pools, access: PoolAccess, indices: Sequence[int]) -> dict:
-    """{index: gathered weight} of the pool tensors at ``indices`` (into (w1, w2, w3)), one all-gather."""
-    return dict(zip(indices, materialize_many(A_nP, [pools[i] for i in indices], access, indices)))
+def _call_weights(A_nP, pools, access: PoolAccess, indices: Sequence[int]) -> dict:
+    """{index: weight} of the pool tensors at ``indices`` (into (w1, w2, w3)) that a layer call uses.
+    Sharded pool: gathered now, all in one all-gather. Otherwise thunks that materialise each weight
+    when it is taken, so one materialised weight is alive at a time."""
+    if access.shard is not None:
+        return dict(zip(indices, materialize_many(A_nP, [pools[i] for i in indices], access, indices)))
+    return {i: functools.partial(materialize, A_nP, pools[i], access, i) for i in indices}
 
 
 def _take(weights: dict, index: int) -> torch.Tensor:
@@ -209,11 +214,7 @@ class MaterializedExpertFFN(torch.autograd.Function):
                 access: PoolAccess):
         gated = w3_PHF is not None
         counts = GroupLayout(counts)  # device offsets built once, reused by every GEMM of this call
-        if access.shard is not None:  # sharded pool: every weight of the call in one all-gather
-            W = _gather_weights(A_nP, (w1_PHF, w2_PFH, w3_PHF), access, (0, 2, 1) if gated else (0, 1))
-        else:  # one materialised weight alive at a time
-            W = {0: lambda: materialize(A_nP, w1_PHF, access, 0), 1: lambda: materialize(A_nP, w2_PFH, access, 1),
-                 2: lambda: materialize(A_nP, w3_PHF, access, 2)}
+        W = _call_weights(A_nP, (w1_PHF, w2_PFH, w3_PHF), access, (0, 2, 1) if gated else (0, 1))
         z1_TF = grouped_matmul(x_TH, _take(W, 0), counts)  # W1_nHF freed here
         z3_TF = grouped_matmul(x_TH, _take(W, 2), counts) if gated else None
         hidden_TF = _activation(activation, z1_TF)
@@ -240,15 +241,10 @@ class MaterializedExpertFFN(torch.autograd.Function):
 
         # Sharded pool: the call's weights in one all-gather, and its weight gradients in one
         # reduce-scatter at the end (``deferred``). Otherwise one materialised weight alive at a time.
-        fused = access.shard is not None
-        deferred = [] if fused else None
-        W = {}
-        if fused:
-            W = _gather_weights(A_nP, (w1_PHF, w2_PFH, w3_PHF), access,
-                                (1, 0, 2) if gated and need_x else (1, 0) if need_x else (1,))
-        W2_nFH = W.pop(1) if fused else materialize(A_nP, w2_PFH, access, 1)
-        dhidden_TF = grouped_matmul(dy_TH, W2_nFH.transpose(1, 2), counts)
-        del W2_nFH
+        deferred = [] if access.shard is not None else None
+        W = _call_weights(A_nP, (w1_PHF, w2_PFH, w3_PHF), access,
+                          (1, 0, 2) if gated and need_x else (1, 0) if need_x else (1,))
+        dhidden_TF = grouped_matmul(dy_TH, _take(W, 1).transpose(1, 2), counts)  # W2_nFH freed here
 
         # Recompute the fc2 input; the per-token prob's gradient; fc2's weight gradient.
         act_TF = _activation(activation, z1_TF)
@@ -262,12 +258,7 @@ class MaterializedExpertFFN(torch.autograd.Function):
             hidden_TF = gate_TF.mul_(probs_T1)  # in place: act_TF is not needed again unless gated
             dW2_nFH = grouped_weight_grad(hidden_TF, dy_TH, counts)
             del hidden_TF
-            if fused:
-                deferred.append((1, dW2_nFH, w2_PFH, need_w2))
-            else:
-                dw2, dA2 = _map_weight_grad(dW2_nFH, A_nP, w2_PFH, need_w2, need_A, access, 1)
-                if need_A:
-                    dA_nP += dA2
+            dw2 = _weight_grad(dW2_nFH, A_nP, w2_PFH, need_w2, dA_nP, access, 1, deferred)
             del dW2_nFH
         del gate_TF
 
@@ -283,20 +274,19 @@ class MaterializedExpertFFN(torch.autograd.Function):
 
         # fc1 (and its gated half).
         dx_TH, dw1 = _fc1_backward(x_TH, dz1_TF, A_nP, w1_PHF, dA_nP, counts, need_x, need_w1, access, 0,
-                                   W.pop(0, None), deferred)
+                                   W, deferred)
         del dz1_TF
         dw3 = None
         if gated:
             dx3_TH, dw3 = _fc1_backward(x_TH, dz3_TF, A_nP, w3_PHF, dA_nP, counts, need_x, need_w3, access, 2,
-                                        W.pop(2, None), deferred)
+                                        W, deferred)
             if need_x:
                 dx_TH = dx_TH + dx3_TH
         if deferred:  # one reduce-scatter; mapped in the unfused order (w2, w1, w3), so dA sums alike
             parts = reduce_scatter_columns_many([dW.reshape(dW.shape[0], -1) for _, dW, _, _ in deferred], access.shard)
             pool_grads = {}
             for (index, _, w_pool, need_w), part in zip(deferred, parts):
-                pool_grads[index], dA = _map_weight_grad(part, A_nP, w_pool, need_w, need_A, access, index,
-                                                         scattered=True)
+                pool_grads[index], dA = _map_weight_grad(part, A_nP, w_pool, need_w, need_A, access, index)
                 if need_A:
                     dA_nP += dA
             del deferred, parts

@@ -222,22 +222,16 @@ def _collectives():
 
 def gather_columns(local_RD: torch.Tensor, shard: PoolShard) -> torch.Tensor:
     """[R, D] from every rank's [R, D/S] column slice (all-gather over the shard group)."""
-    all_gather, _ = _collectives()
-    R, width = local_RD.shape
-    parts_SRD = torch.empty(shard.size * R, width, dtype=local_RD.dtype, device=local_RD.device)
-    all_gather(parts_SRD, local_RD.contiguous(), group=shard.group)
-    return parts_SRD.view(shard.size, R, width).transpose(0, 1).reshape(R, shard.size * width)
+    return gather_columns_many([local_RD], shard)[0]
 
 
 def gather_columns_many(locals_RD: list, shard: PoolShard) -> list:
     """:func:`gather_columns` of several [R, D_i/S] slices (same R) in ONE all-gather: one
     collective per layer call instead of one per pool tensor (DESIGN.md section 6)."""
-    if len(locals_RD) == 1:
-        return [gather_columns(locals_RD[0], shard)]
     all_gather, _ = _collectives()
     R = locals_RD[0].shape[0]
     widths = [t.shape[1] for t in locals_RD]
-    local_RW = torch.cat(locals_RD, dim=1)
+    local_RW = locals_RD[0].contiguous() if len(locals_RD) == 1 else torch.cat(locals_RD, dim=1)
     parts_SRW = torch.empty(shard.size * R, local_RW.shape[1], dtype=local_RW.dtype, device=local_RW.device)
     all_gather(parts_SRW, local_RW, group=shard.group)
     parts_SRW = parts_SRW.view(shard.size, R, -1)
@@ -249,10 +243,8 @@ def gather_columns_many(locals_RD: list, shard: PoolShard) -> list:
 
 
 def reduce_scatter_columns_many(fulls_RD: list, shard: PoolShard) -> list:
-    """:func:`reduce_scatter_columns` of several [R, D_i] tensors (same R) in ONE reduce-scatter;
-    returns [R, D_i/S] views of one buffer."""
-    if len(fulls_RD) == 1:
-        return [reduce_scatter_columns(fulls_RD[0], shard)]
+    """[R, D_i/S] each: this rank's columns of the sum over the shard group of every rank's [R, D_i],
+    for several tensors (same R) in ONE reduce-scatter; views of one buffer."""
     _, reduce_scatter = _collectives()
     R = fulls_RD[0].shape[0]
     widths = [t.shape[1] // shard.size for t in fulls_RD]
@@ -260,17 +252,6 @@ def reduce_scatter_columns_many(fulls_RD: list, shard: PoolShard) -> list:
     out_RW = torch.empty(R, sum(widths), dtype=parts_SRW.dtype, device=parts_SRW.device)
     reduce_scatter(out_RW, parts_SRW.view(shard.size * R, -1), group=shard.group)
     return list(torch.split(out_RW, widths, dim=1))
-
-
-def reduce_scatter_columns(full_RD: torch.Tensor, shard: PoolShard) -> torch.Tensor:
-    """[R, D/S]: this rank's columns of the sum over the shard group of every rank's [R, D]."""
-    _, reduce_scatter = _collectives()
-    R, D = full_RD.shape
-    width = D // shard.size
-    parts_SRD = full_RD.reshape(R, shard.size, width).transpose(0, 1).contiguous()
-    out_RD = torch.empty(R, width, dtype=full_RD.dtype, device=full_RD.device)
-    reduce_scatter(out_RD, parts_SRD.view(shard.size * R, width), group=shard.group)
-    return out_RD
 
 
 class PoolGradSink:
