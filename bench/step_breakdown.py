@@ -22,9 +22,13 @@ all-to-all         the dispatcher's ``token_dispatch`` and ``token_combine``; De
 experts            the experts module (SequentialMLP, SaMoEExperts, DeepSpeed's Experts)
 expert GEMM        megatron's and DeepSpeed's expert ``linear_fc1``/``linear_fc2``/``fc1``/``fc2``;
                    SaMoE's ``grouped_matmul`` and ``grouped_weight_grad`` (expert_ffn module)
-materialize        SaMoE's ``materialize`` (``A_own @ pool``), forward and its recomputation in
-                   backward
-pool/A grad        SaMoE's ``_map_weight_grad`` (dW_l -> dW_pool, dA), backward only
+materialize        SaMoE's ``materialize`` and ``materialize_many`` (``A_own @ pool``; the sharded
+                   pool's local columns), forward and its recomputation in backward
+pool collectives   the sharded pool's all-gather of a layer call's weights (``gather_columns``,
+                   ``gather_columns_many``) and reduce-scatter of their gradients
+                   (``reduce_scatter_columns_many``), with their packing copies
+pool/A grad        SaMoE's ``_map_weight_grad`` (dW_l -> dW_pool, dA) and the pool-gradient
+                   sink's deferred sums (``PoolGradSink._flush``), backward only
 combination        ``SaMoEExperts.combination_weights`` (softmax of C_l)
 lm head / loss     GPTModel's ``output_layer`` / ``compute_language_model_loss``
 embedding          GPTModel's ``embedding``
@@ -119,9 +123,16 @@ def _install_function_ranges() -> None:
     """Module-level functions called by name: SaMoE's expert FFN and DeepSpeed's dispatch."""
     ffn = sys.modules.get("samoe_dist.samoe.expert_ffn")
     if ffn is not None:
-        for name, label in (("materialize", "materialize"), ("_map_weight_grad", "pool/A grad"),
+        for name, label in (("materialize", "materialize"), ("materialize_many", "materialize"),
+                            ("gather_columns", "pool collectives"), ("gather_columns_many", "pool collectives"),
+                            ("reduce_scatter_columns_many", "pool collectives"),
+                            ("_map_weight_grad", "pool/A grad"),
                             ("grouped_matmul", "expert GEMM"), ("grouped_weight_grad", "expert GEMM")):
-            setattr(ffn, name, ranged(getattr(ffn, name), label))
+            if hasattr(ffn, name):
+                setattr(ffn, name, ranged(getattr(ffn, name), label))
+    pool = sys.modules.get("samoe_dist.samoe.pool")
+    if pool is not None:  # the sink sums deferred A^T dW factors when the gate takes the gradient
+        pool.PoolGradSink._flush = ranged(pool.PoolGradSink._flush, "pool/A grad")
     moe = sys.modules.get("deepspeed.moe.sharded_moe")
     if moe is not None:
         for name in ("_route_slots", "_sparse_encode", "_sparse_decode"):
@@ -213,6 +224,7 @@ def _in_step(event) -> bool:
 CATEGORIES = {
     "materialise fwd": ("materialize (fwd)", "combination (fwd)"),
     "materialise bwd": ("materialize (bwd)", "pool/A grad (bwd)", "combination (bwd)"),
+    "pool collectives": ("pool collectives (fwd)", "pool collectives (bwd)"),
     "router": ("router (fwd)", "router (bwd)"),
     "dispatch/permute": ("permute (fwd)", "permute (bwd)", "all-to-all (fwd)", "all-to-all (bwd)"),
     "expert GEMMs": ("expert GEMM (fwd)", "expert GEMM (bwd)"),
