@@ -165,6 +165,12 @@ class SaMoEConfig:
         "(its columns split over the expert-data-parallel group: each rank materialises its columns and "
         "all-gathers the rest, and the pool's memory, gradient and materialisation shrink with that group; "
         "see docs/DESIGN.md section 6).", default="replicated")
+    samoe_materialize_once_per_step: bool = doc(
+        "Materialise (and, sharded, all-gather) each layer's experts once per optimizer step and reuse them in "
+        "every micro-batch's forward and backward, instead of once in each forward and again in each backward. "
+        "Costs the materialised experts' memory for the whole step (every MoE layer's n local experts, as much "
+        "as a standard MoE's expert weights); the gradients are unchanged (docs/DESIGN.md section 6).",
+        default=False)
 
     @property
     def enabled(self) -> bool:
@@ -201,6 +207,11 @@ class SaMoEConfig:
                      and self.samoe_init_peak_mass is None and self.samoe_combination_lr_mult == 1.0,
                      "--samoe-route-to-pool has no combination weights: drop --samoe-combination, --samoe-top-m, "
                      "--samoe-temperature, --samoe-init*, --samoe-combination-lr-mult")
+        if self.samoe_materialize_once_per_step:
+            _require(self.samoe_pool_size is not None, "--samoe-materialize-once-per-step needs --samoe-pool-size P")
+            _require(not self.samoe_route_to_pool,
+                     "--samoe-route-to-pool uses the pool experts as they are, nothing is materialised: drop "
+                     "--samoe-materialize-once-per-step")
         if self.samoe_pool_size is not None:
             _positive(self, "samoe_pool_size")
             _require(self.samoe_top_m <= self.samoe_pool_size,

@@ -9,6 +9,7 @@ batch report the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -110,21 +111,24 @@ class Trainer:
         """One optimizer step over one global batch; returns world-averaged losses."""
         tr = self.cfg.training
         sums: dict[str, torch.Tensor] = {}
-        for micro_step in range(self.gas):
-            batch = self._to_device(self.data.micro_batch(
-                "train", self.consumed_samples, tr.micro_batch_size, self.groups.dp_rank, self.dp, micro_step))
-            loss, parts = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
-            self.engine.backward(loss)
-            if micro_step == self.gas - 1:
-                own_norm = self._reduced_grad_norm()
-                if self._is_log_iteration(self.iteration + 1):
-                    self._grad_flow = self._expert_grad_norms()
-            self.engine.step()
-            for name, value in parts.items():  # tensors: no host sync per micro-batch
-                part = value.detach().to(torch.float64) / self.gas
-                if name != "lm loss":  # an aux loss is this TP rank's share: MoE layers split tokens over TP
-                    part = part * self.groups.tp_size
-                sums[_key(name)] = sums[_key(name)] + part if _key(name) in sums else part
+        # --samoe-materialize-once-per-step: the layers' materialised experts are kept from their first
+        # use to the last micro-batch's backward, and dropped before the optimizer updates the weights.
+        with contextlib.ExitStack() as step_cache:
+            pool = getattr(self.model.gpt, "samoe_pool", None)
+            if pool is not None and self.cfg.samoe.samoe_materialize_once_per_step:
+                step_cache.enter_context(pool.step_cache())
+            for micro_step in range(self.gas):
+                batch = self._to_device(self.data.micro_batch(
+                    "train", self.consumed_samples, tr.micro_batch_size, self.groups.dp_rank, self.dp, micro_step))
+                loss, parts = self.engine(batch["tokens"], batch["labels"], batch["loss_mask"])
+                self.engine.backward(loss)
+                if micro_step == self.gas - 1:
+                    step_cache.close()  # the cached experts go before engine.step() changes the weights
+                    own_norm = self._reduced_grad_norm()
+                    if self._is_log_iteration(self.iteration + 1):
+                        self._grad_flow = self._expert_grad_norms()
+                self.engine.step()
+                self._add_parts(sums, parts)
         self.consumed_samples += tr.global_batch_size
         self.iteration += 1
         engine_norm = self.engine.get_global_grad_norm()
@@ -132,6 +136,14 @@ class Trainer:
             engine_norm = own_norm
         self.last_grad_norm = float(engine_norm) if engine_norm is not None else float("nan")
         return _mean_over_world(sums, self.engine.device)
+
+    def _add_parts(self, sums: dict, parts: dict) -> None:
+        """Add one micro-batch's loss parts (tensors: no host sync per micro-batch) into ``sums``."""
+        for name, value in parts.items():
+            part = value.detach().to(torch.float64) / self.gas
+            if name != "lm loss":  # an aux loss is this TP rank's share: MoE layers split tokens over TP
+                part = part * self.groups.tp_size
+            sums[_key(name)] = sums[_key(name)] + part if _key(name) in sums else part
 
     def _reduced_grad_norm(self) -> Optional[float]:
         """Global gradient norm from the reduced ``.grad`` of the parameters, where DeepSpeed keeps
@@ -380,3 +392,4 @@ def _window_mean(window: list[dict], seconds: float, tokens_per_step: int) -> di
 def pretrain(cfg: RunConfig, ds_config_path: Optional[str]) -> dict:
     """Run a whole pretraining job; returns the final summary record."""
     return Trainer(cfg, ds_config_path).train()
+

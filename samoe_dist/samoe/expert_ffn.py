@@ -26,7 +26,7 @@ model's :class:`~samoe_dist.samoe.pool.PoolGradSink` instead of back through aut
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -43,13 +43,17 @@ class PoolAccess:
     - ``rows``: with no combination (A None), the experts are pool rows ``[lo, hi)`` as they are;
     - ``shard``: the pool tensors are this rank's ``[P, D/S]`` column slices over ``shard.group``,
       and ``shapes`` gives each tensor's full per-expert shape (w1, w2, w3);
-    - ``sink``: the pool's gradient is accumulated there and none is returned to autograd.
+    - ``sink``: the pool's gradient is accumulated there and none is returned to autograd;
+    - ``cache``: a dict that keeps this layer's materialised weights ({index: weights}) for reuse by
+      later calls (:meth:`~samoe_dist.samoe.pool.ExpertPool.step_cache`); the caller guarantees the
+      pool and ``A`` do not change while it is handed in.
     """
 
     rows: Optional[tuple] = None
     shard: Optional[PoolShard] = None
     shapes: Optional[tuple] = None
     sink: Optional[PoolGradSink] = None
+    cache: Optional[dict] = field(default=None, compare=False)
 
 
 _PLAIN = PoolAccess()
@@ -179,7 +183,7 @@ def _fc1_backward(x_TH, dz_TF, A_nP, w_PHF, dA_nP, counts, need_x: bool, need_w:
     combination gradient into dA_nP (see :func:`_weight_grad` for ``deferred``)."""
     dx_TH = dw_pool = None
     if need_x:
-        dx_TH = grouped_matmul(dz_TF, _take(weights, index).transpose(1, 2), counts)  # weight freed here
+        dx_TH = grouped_matmul(dz_TF, _take(weights, index).transpose(1, 2), counts)  # weight freed here (unless step-cached)
     if need_w or dA_nP is not None:
         dW_nHF = grouped_weight_grad(x_TH, dz_TF, counts)
         dw_pool = _weight_grad(dW_nHF, A_nP, w_PHF, need_w, dA_nP, access, index, deferred)
@@ -188,8 +192,18 @@ def _fc1_backward(x_TH, dz_TF, A_nP, w_PHF, dA_nP, counts, need_x: bool, need_w:
 
 def _call_weights(A_nP, pools, access: PoolAccess, indices: Sequence[int]) -> dict:
     """{index: weight} of the pool tensors at ``indices`` (into (w1, w2, w3)) that a layer call uses.
-    Sharded pool: gathered now, all in one all-gather. Otherwise thunks that materialise each weight
-    when it is taken, so one materialised weight is alive at a time."""
+    With a step cache (``access.cache``): the cached weights, all of the layer's materialised (and
+    gathered) at its first call. Sharded pool: gathered now, all in one all-gather. Otherwise thunks
+    that materialise each weight when it is taken, so one materialised weight is alive at a time."""
+    if access.cache is not None:
+        store = access.cache
+        if any(i not in store for i in indices):  # the layer's first call of the step: every tensor it has
+            every = [i for i, w in enumerate(pools) if w is not None]
+            if access.shard is not None:
+                store.update(zip(every, materialize_many(A_nP, [pools[i] for i in every], access, every)))
+            else:
+                store.update((i, materialize(A_nP, pools[i], access, i)) for i in every)
+        return {i: store[i] for i in indices}
     if access.shard is not None:
         return dict(zip(indices, materialize_many(A_nP, [pools[i] for i in indices], access, indices)))
     return {i: functools.partial(materialize, A_nP, pools[i], access, i) for i in indices}
@@ -215,13 +229,13 @@ class MaterializedExpertFFN(torch.autograd.Function):
         gated = w3_PHF is not None
         counts = GroupLayout(counts)  # device offsets built once, reused by every GEMM of this call
         W = _call_weights(A_nP, (w1_PHF, w2_PFH, w3_PHF), access, (0, 2, 1) if gated else (0, 1))
-        z1_TF = grouped_matmul(x_TH, _take(W, 0), counts)  # W1_nHF freed here
+        z1_TF = grouped_matmul(x_TH, _take(W, 0), counts)  # W1_nHF freed here (unless step-cached)
         z3_TF = grouped_matmul(x_TH, _take(W, 2), counts) if gated else None
         hidden_TF = _activation(activation, z1_TF)
         if gated:
             hidden_TF.mul_(z3_TF)
         hidden_TF.mul_(probs_T.unsqueeze(-1))  # megatron's per_token_scale, kept in x's dtype
-        y_TH = grouped_matmul(hidden_TF, _take(W, 1), counts)  # W2_nFH freed here
+        y_TH = grouped_matmul(hidden_TF, _take(W, 1), counts)  # W2_nFH freed here (unless step-cached)
 
         ctx.access = access
         ctx.counts = counts
@@ -244,7 +258,7 @@ class MaterializedExpertFFN(torch.autograd.Function):
         deferred = [] if access.shard is not None else None
         W = _call_weights(A_nP, (w1_PHF, w2_PFH, w3_PHF), access,
                           (1, 0, 2) if gated and need_x else (1, 0) if need_x else (1,))
-        dhidden_TF = grouped_matmul(dy_TH, _take(W, 1).transpose(1, 2), counts)  # W2_nFH freed here
+        dhidden_TF = grouped_matmul(dy_TH, _take(W, 1).transpose(1, 2), counts)  # W2_nFH freed here (unless step-cached)
 
         # Recompute the fc2 input; the per-token prob's gradient; fc2's weight gradient.
         act_TF = _activation(activation, z1_TF)

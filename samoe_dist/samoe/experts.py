@@ -168,7 +168,8 @@ class SaMoEExperts(MegatronModule):
             )
         lo, hi = self.local_expert_offset, self.local_expert_offset + self.num_local_experts
         access = PoolAccess(rows=(lo, hi) if self.route_to_pool else None, shard=pool.shard,
-                            shapes=pool.expert_shapes(), sink=sink)
+                            shapes=pool.expert_shapes(), sink=sink,
+                            cache=None if self.route_to_pool else pool.cached_weights(id(self)))
         # Shared routing: the owned pool experts themselves (A = I), no materialisation.
         A_own_nP = None if self.route_to_pool else self.combination_weights()[lo:hi].to(w1.dtype)
         y_TH = materialized_expert_ffn(x_TH, probs_T, counts, A_own_nP, w1, w2, w3,

@@ -24,10 +24,17 @@ A^T dW into the sink's buffer in place (``addmm_``), and the gate hands that buf
 per backward, so DeepSpeed's gradient hooks fire once per pool tensor and micro-batch. The buffer
 is allocated late (as long as the layers' kept factors are smaller than it): not at the start of
 backward, where the activations peak.
+
+Step cache (``--samoe-materialize-once-per-step``, DESIGN.md §6): inside :meth:`ExpertPool.step_cache`
+(the Trainer opens it around one optimizer step's micro-batches and closes it before the optimizer
+updates the weights) each layer's materialised (sharded: gathered) experts are computed at their first
+use and reused by every later forward and backward of the step. Outside it nothing is cached, so
+evaluation, export and any use between steps always see the current weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -105,6 +112,7 @@ class ExpertPool(torch.nn.Module):
         self.w2 = make(f, h)  # w2_PFH (sharded: [P, f*h/S])
         self.w3 = make(h, f) if gated else None  # w3_PHF
         self._live = None  # (gated views, sink) of the forward in progress
+        self._step_weights: Optional[dict] = None  # {layer key: {tensor index: weights}} inside step_cache()
         self.reset_parameters()
 
     @classmethod
@@ -173,6 +181,26 @@ class ExpertPool(torch.nn.Module):
     def begin_forward(self) -> None:
         """A new model forward starts: its layers get a fresh gate (called by the model's forward)."""
         self._live = None
+
+    @contextlib.contextmanager
+    def step_cache(self):
+        """Within this block each layer's materialised experts are kept after their first use and
+        reused (module docstring). The weights must not change inside it: close it before the
+        optimizer step. Leaving it (also by an exception) drops every cached weight."""
+        if self._step_weights is not None:
+            raise RuntimeError("ExpertPool.step_cache() is already open")
+        self._step_weights = {}
+        try:
+            yield
+        finally:
+            self._step_weights = None
+
+    def cached_weights(self, layer_key) -> Optional[dict]:
+        """The {tensor index: materialised weights} store of one layer inside :meth:`step_cache`
+        (filled by the layer's first call), or None outside it."""
+        if self._step_weights is None:
+            return None
+        return self._step_weights.setdefault(layer_key, {})
 
     @torch.no_grad()
     def full_tensors(self) -> tuple:
