@@ -193,6 +193,10 @@ class ExpertPool(torch.nn.Module):
         try:
             yield
         finally:
+            # Emptied, not only dropped: a finished backward's autograd nodes may still hold a
+            # layer's store (through its PoolAccess) as long as something keeps the graph alive.
+            for store in self._step_weights.values():
+                store.clear()
             self._step_weights = None
 
     def cached_weights(self, layer_key) -> Optional[dict]:

@@ -318,3 +318,25 @@ def test_pool_values_do_not_depend_on_the_sharding():
     assert not torch.equal(other.w1, full.w1)  # the seed matters
     with pytest.raises(ValueError, match="does not split into 5 equal column slices"):
         ExpertPool(5, 8, 12, shard=PoolShard(None, 5, 0), seed=1)
+
+
+def test_step_cache_is_scoped_and_emptied_on_exit():
+    """--samoe-materialize-once-per-step's store exists only inside ExpertPool.step_cache(); leaving
+    the block (also by an exception) empties every layer's store, so a finished graph that still
+    references one holds no weights; the block does not nest."""
+    pool = ExpertPool(pool_size=2, hidden_size=4, ffn_hidden_size=8)
+    assert pool.cached_weights("layer0") is None
+    with pool.step_cache():
+        store = pool.cached_weights("layer0")
+        store[0] = torch.ones(3)
+        assert pool.cached_weights("layer0") is store and pool.cached_weights("layer1") == {}
+        with pytest.raises(RuntimeError, match="already open"):
+            with pool.step_cache():
+                pass
+    assert store == {} and pool.cached_weights("layer0") is None
+    with pytest.raises(ValueError):
+        with pool.step_cache():
+            kept = pool.cached_weights("layer0")
+            kept[1] = torch.ones(3)
+            raise ValueError("a micro-batch failed")
+    assert kept == {} and pool.cached_weights("layer0") is None
