@@ -2,8 +2,9 @@
 
 Runs the real Trainer (DeepSpeed engine, ZeRO from the ds_config, megatron's alltoall dispatcher)
 in ``--world`` gloo processes with ``--ep`` expert parallelism, for the standard MoE, SaMoE with a
-replicated pool and SaMoE with a sharded pool (``--samoe-pool-sharding sharded``) at the same small
-shape, on synthetic tokens. Every torch.distributed collective is wrapped (from outside the
+replicated pool, SaMoE with a sharded pool (``--samoe-pool-sharding sharded``) and the sharded pool
+materialised once per optimizer step (``samoe_sharded_once``: ``--samoe-materialize-once-per-step``)
+at the same small shape, on synthetic tokens. Every torch.distributed collective is wrapped (from outside the
 package, before the engine is built) to count, per rank and per step, the bytes each call moves,
 and which process group it ran on:
 
@@ -20,7 +21,9 @@ expert parameters only; the comparison is of the sums over each group's collecti
 - replicated SaMoE: the pool's and the combination's share of the world group's sync;
 - sharded SaMoE: the all-gathers and the reduce-scatters over the expert-data-parallel group (the
   pool's only traffic there), the sync over the expert-parallel group (the pool slice, by
-  DeepSpeed) and the combination's share of the world group's sync.
+  DeepSpeed) and the combination's share of the world group's sync;
+- sharded SaMoE materialised once per step: its all-gathers over the expert-data-parallel group (once
+  per layer and step instead of twice per layer and micro-batch).
 
 A part's share of the world group's bytes is the bytes times its parameters over all the
 replicated parameters (ZeRO moves the same bytes per parameter for all of them).
@@ -51,7 +54,7 @@ OPS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "_redu
        "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_single", "all_to_all_single", "broadcast")
 ALL_GATHERS = ("all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_single")
 REDUCE_SCATTERS = ("reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter_single")
-SYSTEMS = ("moe", "samoe", "samoe_sharded")
+SYSTEMS = ("moe", "samoe", "samoe_sharded", "samoe_sharded_once")
 
 
 def parse_args(argv=None):
@@ -202,10 +205,12 @@ def run_world(a, system: str, out_dir: str) -> list[dict]:
             "--seq-length", a.seq_length, "--micro-batch-size", a.micro_batch_size,
             "--global-batch-size", a.micro_batch_size * a.world * a.grad_accum, "--train-iters", 1000,
             "--vocab-size", a.vocab_size, "--ds_config", a.ds_config]
-    if system in ("samoe", "samoe_sharded"):
+    if system.startswith("samoe"):
         argv += ["--samoe-pool-size", a.pool]
-    if system == "samoe_sharded":
+    if system.startswith("samoe_sharded"):
         argv += ["--samoe-pool-sharding", "sharded"]
+    if system.endswith("_once"):
+        argv.append("--samoe-materialize-once-per-step")
     argv = [str(x) for x in argv]
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -342,6 +347,14 @@ def compare(out: dict, model: dict) -> dict:
             "model": model["expert_sync_GB_per_gpu_samoe_sharded"] * GB,
             "measured": sum(v["measured"] for k, v in c.items() if k.startswith("samoe_sharded_")
                             and "all_gather" not in k)}
+    if "samoe_sharded_once" in out:
+        once = out["samoe_sharded_once"]
+        c["samoe_sharded_once_weight_all_gather_bytes_per_gpu (EDP group)"] = {
+            "model": model["expert_gather_GB_per_gpu_samoe_sharded_once"] * GB,
+            "measured": measured(once, "all-gather over expert-data-parallel", "per_step_rank0_by_op")}
+        c["samoe_sharded_once_dW_reduce_scatter_bytes_per_gpu (EDP group)"] = {
+            "model": model["samoe_sharded_reduce_scatter_GB_per_gpu"] * GB,
+            "measured": measured(once, "reduce-scatter over expert-data-parallel", "per_step_rank0_by_op")}
     return c
 
 

@@ -55,6 +55,10 @@ gathers" holds only the extra, per-micro-batch gathers of the sharded pool.
   forward, and again in the backward (the weights are rematerialised, not kept): 2 all-gathers of
   n |E| weights per MoE layer and micro-batch,
       gathers_sh = 2 GA L_moe (EDP-1)/EDP n |E| weight_bytes.
+- sharded SaMoE materialised once per step (``--samoe-materialize-once-per-step``): each layer's
+  experts are gathered at their first use in the step and kept for every forward and backward:
+      gathers_sh_once = L_moe (EDP-1)/EDP n |E| weight_bytes,   whatever GA is.
+  The reduce-scatter of the weight gradient stays per micro-batch (rs above).
 
 (c) Expert memory per GPU (bytes): bf16 weight (2) + bf16 gradient (2) per stored parameter, plus
 fp32 master weight and two Adam moments (12) partitioned by ZeRO-1 over the group that reduces the
@@ -68,6 +72,9 @@ parameter.
   weight before computing its gradient and handles one pool tensor (n |E| / 2 weights) at a time;
   the bound also covers the sharded gather's and reduce-scatter's transient copy of one [n, D]
   tensor.
+- materialised once per step: every MoE layer's materialised weights are kept for the step, plus
+  one layer's gradient: mat_once = L_moe n |E| 2 + n |E| 2 (the standard MoE's bf16 expert weights
+  and one layer's gradient), in place of mat.
 
 (d) Materialisation FLOPs per GPU per step. Per MoE layer and micro-batch, per pool tensor: the
 forward GEMM A_l[own rows] [n, P] @ pool [P, D] (2 n P D FLOPs), and in the backward three GEMMs
@@ -76,6 +83,9 @@ of the same size: the rematerialisation for the token gradient, dpool = A^T dW a
       mat_rep = 4 x 2 n P |E| L_moe GA.
 Sharded, every GEMM runs on the D/EDP local columns (the reduce-scatter comes before dpool and dA):
       mat_sh = mat_rep / EDP.
+Materialised once per step: the forward GEMM once per step, no rematerialisation, dpool and dA per
+micro-batch:
+      mat_once = (1 + 2 GA) x 2 n P |E| L_moe   (sharded: / EDP).
 Replicated, it is the same on every rank whatever W is, while the tokens per GPU shrink as 1/W;
 sharded, it shrinks as 1/EDP, i.e. in step with the tokens at fixed EP. Both are reported as a
 fraction of the step's model FLOPs per GPU, 6 x (dense parameters active per token) x T +
@@ -176,11 +186,13 @@ def per_gpu(shape: Shape, world: int, act_bytes: int = 2, weight_bytes: int = 2)
     sh_sync = sh_rs + sh_pool + sh_comb
     # (b) per-micro-batch weight all-gathers (forward + backward rematerialisation)
     sh_gather = 2 * ga * s.moe_layers * (edp - 1) / edp * layer_local * weight_bytes
+    sh_gather_once = s.moe_layers * (edp - 1) / edp * layer_local * weight_bytes  # --samoe-materialize-once-per-step
     # (c) memory: bf16 weight + bf16 grad, 12 bytes of fp32 master + Adam moments split over the reducing group
     moe_mem = moe_expert_params * (2 + 2 + 12 / edp)
     materialised = layer_local * (2 + 2)  # one layer's local experts + grad (upper bound)
     samoe_mem = (pool_params + combination) * (2 + 2 + 12 / world) + materialised
     sh_mem = pool_params / edp * (2 + 2 + 12 / s.ep) + combination * (2 + 2 + 12 / world) + materialised
+    materialised_once = local_experts * s.expert_size * 2 + layer_local * 2  # every layer's weights kept + one grad
     # (d) FLOPs
     expert_flops_per_token = 6 * s.moe_layers * s.topk * s.expert_size  # expert part of 6*N_active
     step_expert_flops = expert_flops_per_token * tokens_per_gpu
@@ -189,6 +201,7 @@ def per_gpu(shape: Shape, world: int, act_bytes: int = 2, weight_bytes: int = 2)
     # forward GEMM + rematerialisation + dpool + dA, per layer and micro-batch
     materialise_flops = ga * 4 * 2 * s.moe_layers * n * s.pool * s.expert_size
     sh_materialise_flops = materialise_flops / edp
+    materialise_flops_once = (1 + 2 * ga) * 2 * s.moe_layers * n * s.pool * s.expert_size
     rs1 = rs_per_micro_batch
     break_even = (moe_ar - sh_pool - sh_comb) / rs1 if rs1 > 0 else float("inf")
     return {
@@ -207,13 +220,18 @@ def per_gpu(shape: Shape, world: int, act_bytes: int = 2, weight_bytes: int = 2)
         "expert_gather_GB_per_gpu_moe": 0.0,
         "expert_gather_GB_per_gpu_samoe": 0.0,
         "expert_gather_GB_per_gpu_samoe_sharded": sh_gather / 1e9,
+        "expert_gather_GB_per_gpu_samoe_sharded_once": sh_gather_once / 1e9,
         "expert_memory_GB_per_gpu_moe": moe_mem / 1e9,
         "expert_memory_GB_per_gpu_samoe": samoe_mem / 1e9,
         "expert_memory_GB_per_gpu_samoe_sharded": sh_mem / 1e9,
+        "expert_memory_GB_per_gpu_samoe_once": (samoe_mem - materialised + materialised_once) / 1e9,
+        "expert_memory_GB_per_gpu_samoe_sharded_once": (sh_mem - materialised + materialised_once) / 1e9,
         "materialisation_flops_vs_expert_flops": materialise_flops / step_expert_flops,
         "materialisation_flops_vs_step_flops": materialise_flops / step_flops,
         "materialisation_flops_vs_expert_flops_sharded": sh_materialise_flops / step_expert_flops,
         "materialisation_flops_vs_step_flops_sharded": sh_materialise_flops / step_flops,
+        "materialisation_flops_vs_step_flops_once": materialise_flops_once / step_flops,
+        "materialisation_flops_vs_step_flops_sharded_once": materialise_flops_once / edp / step_flops,
     }
 
 
@@ -257,6 +275,20 @@ def sharded_breakdown(rows: list[dict]) -> str:
         f"{r['sharded_sync_break_even_ga']:.2f}"])
 
 
+def once_per_step(rows: list[dict]) -> str:
+    columns = ["model", "GPUs", "GA", "sharded weight gathers GB/GPU default / once",
+               "materialisation / step FLOPs repl. default / once", "sharded default / once",
+               "expert memory GB/GPU MoE / sharded default / sharded once"]
+    return _markdown(columns, rows, lambda r: [
+        r["model"], str(r["gpus"]), str(r["grad_accum"]),
+        f"{r['expert_gather_GB_per_gpu_samoe_sharded']:.2f} / {r['expert_gather_GB_per_gpu_samoe_sharded_once']:.2f}",
+        f"{r['materialisation_flops_vs_step_flops']:.3f} / {r['materialisation_flops_vs_step_flops_once']:.3f}",
+        f"{r['materialisation_flops_vs_step_flops_sharded']:.3f} / "
+        f"{r['materialisation_flops_vs_step_flops_sharded_once']:.3f}",
+        f"{r['expert_memory_GB_per_gpu_moe']:.2f} / {r['expert_memory_GB_per_gpu_samoe_sharded']:.2f} / "
+        f"{r['expert_memory_GB_per_gpu_samoe_sharded_once']:.2f}"])
+
+
 def rows_for(micro_batch: Optional[float] = None, worlds=WORLDS) -> list[dict]:
     out = []
     for shape in SHAPES:
@@ -286,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         "With gradient accumulation: micro-batches of 1 sequence at 64 GPUs (GA = 4), same global batch:",
         table(rows_ga4),
         sharded_breakdown(rows_ga4),
+        "Materialised once per optimizer step (`--samoe-materialize-once-per-step`) against the default "
+        "(per micro-batch, rematerialised in backward), at GA = 1 and GA = 4:",
+        once_per_step(rows + rows_ga4),
     ])
     print(md)
     if args.markdown:

@@ -13,6 +13,10 @@ pool of P; the dense model's FFN is k*f wide (its FLOPs per token are the MoEs' 
 - ``samoe``: megatron's MoELayer with SaMoE experts (``samoe_dist.samoe``), pool replicated, dropless
 - ``samoe-sharded``: the same with the pool's columns sharded over the expert-data-parallel group
   (``--samoe-pool-sharding sharded``); identical to ``samoe`` where that group has one rank
+- ``samoe-once``, ``samoe-sharded-once``: ``samoe`` and ``samoe-sharded`` with
+  ``--samoe-materialize-once-per-step`` (each layer's experts materialised, and gathered, once per
+  optimizer step and kept for every micro-batch's forward and backward); compare at
+  ``--grad-accum`` above 1, where it saves more than backward's rematerialisation
 - ``gmoe-cf``, ``samoe-cf``, ``samoe-sharded-cf``: ``gmoe``, ``samoe`` and ``samoe-sharded`` with megatron's capacity factor
   ``--capacity-factor``, tokens over capacity dropped and every expert's input padded to its
   capacity (``--moe-pad-expert-input-to-capacity``): DeepSpeed MoE's token policy, the same rows
@@ -22,13 +26,13 @@ pool of P; the dense model's FFN is k*f wide (its FLOPs per token are the MoEs' 
   --sequence-parallel`` on the same processes (half the data-parallel replicas, the same global
   batch), reported as a ``ratio`` record over the TP1 system.
 
-Token policies: ``moe``, ``gmoe``, ``samoe``, ``samoe-sharded`` are dropless; ``dsmoe``, ``gmoe-cf``,
-``samoe-cf``, ``samoe-sharded-cf`` are capacity-bounded. Ratios are reported within a policy (``policy_ratio`` records: each
+Token policies: ``moe``, ``gmoe``, ``samoe``, ``samoe-sharded`` (and the ``-once`` variants) are
+dropless; ``dsmoe``, ``gmoe-cf``, ``samoe-cf``, ``samoe-sharded-cf`` are capacity-bounded. Ratios are reported within a policy (``policy_ratio`` records: each
 SaMoE over each peer of its policy, and over the fastest of them in the run).
 
 Method: for each layout EP x EDP (``--layouts``, world = EP x EDP gloo processes, each with
 cores / world threads, at least 1; micro-batch per rank fixed, so the tokens per step grow with the
-world) and dtype, every system is one long-lived world, started
+world; ``--grad-accum`` micro-batches per optimizer step) and dtype, every system is one long-lived world, started
 together and warmed up; then ``--rounds`` rounds, each running ``--steps-per-round`` timed steps of
 every system in turn (the order rotates each round). Step times are reported as median, min, max
 and quartiles over all timed steps; the ratios are per-round paired (``median step of moe in round
@@ -59,8 +63,9 @@ torch.profiler, with ranges added around the model's parts from outside the pack
 
 Output: JSON lines on stdout (and ``--output``): ``config``; per (EP, dtype) ``peak``, one
 ``result`` per system, ``ratio`` records (every system over moe; ``headline`` marks samoe/moe);
-``summary``. ``--markdown`` writes the report (bench/throughput_report.py), which ``--report-from``
-re-renders from an earlier run's JSON lines.
+``summary``; a ``-once`` system is also paired with its per-call twin (``ratio``). ``--markdown``
+writes the report (bench/throughput_report.py), which ``--report-from`` re-renders from an earlier
+run's JSON lines.
 
 glibc: every world gets ``MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4294967296`` (large
 buffers, SaMoE's one [T*k, f] buffer per layer in particular, are otherwise mmap'ed and page-faulted
@@ -91,12 +96,13 @@ from throughput_report import load_run, markdown
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "bench", "throughput_worker.py")
-SYSTEMS = ("dense", "moe", "gmoe", "dsmoe", "samoe", "samoe-sharded", "gmoe-cf", "samoe-cf", "samoe-sharded-cf",
+SYSTEMS = ("dense", "moe", "gmoe", "dsmoe", "samoe", "samoe-sharded", "samoe-once", "samoe-sharded-once",
+           "gmoe-cf", "samoe-cf", "samoe-sharded-cf",
            "dense-tp2", "samoe-tp2")
 # "<system>-tp2": the same model and global batch with --tensor-model-parallel-size 2 --sequence-parallel
 # (half the data-parallel replicas, each split over 2 ranks): reported as a ratio to the TP1 system.
 TP2 = "-tp2"
-DROPLESS = ("moe", "gmoe", "samoe", "samoe-sharded")
+DROPLESS = ("moe", "gmoe", "samoe", "samoe-sharded", "samoe-once", "samoe-sharded-once")
 CAPACITY = ("dsmoe", "gmoe-cf", "samoe-cf", "samoe-sharded-cf")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 # shape and schedule: default mode (~10-15 min on 2 cores) and --quick (< 3 min)
@@ -123,6 +129,8 @@ def parse_args(argv=None):
                        help=f"default {PRESETS['default'][name]}, --quick {PRESETS['quick'][name]}")
     p.add_argument("--ds-config", default=os.path.join(REPO, "examples", "ds_config_cpu.json"))
     p.add_argument("--capacity-factor", type=float, default=1.0, help="DeepSpeed MoE's capacity factor")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (the global batch is micro-batch x world x this)")
     p.add_argument("--no-pad-to-capacity", dest="pad_to_capacity", action="store_false",
                    help="the megatron capacity systems (*-cf) drop over-capacity tokens without padding the "
                         "experts' inputs to capacity (by default they pad, as DeepSpeed's MoE does)")
@@ -151,8 +159,8 @@ def parse_args(argv=None):
     if bad or not a.systems or not a.layout_list or any(len(lay) != 2 or min(lay) < 1 for lay in a.layout_list):
         p.error(f"unknown system/dtype {bad} or bad --layouts {a.layouts!r}: --systems from {SYSTEMS}, "
                 f"--dtypes from fp32,bf16, --layouts as EPxEDP,... (e.g. 1x1,2x1,2x2)")
-    if a.warmup < 1 or a.rounds < 1 or a.steps_per_round < 1:
-        p.error("--warmup, --rounds and --steps-per-round must be >= 1")
+    if a.warmup < 1 or a.rounds < 1 or a.steps_per_round < 1 or a.grad_accum < 1:
+        p.error("--warmup, --rounds, --steps-per-round and --grad-accum must be >= 1")
     if any(a.num_experts % ep for ep, _ in a.layout_list) or a.samoe_pool_size < 1:
         p.error(f"--num-experts {a.num_experts} must be divisible by every EP size {[e for e, _ in a.layout_list]}")
     return a
@@ -183,7 +191,7 @@ def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
     system = system.removesuffix(TP2)
     argv = ["--num-layers", a.num_layers, "--hidden-size", a.hidden_size,
             "--num-attention-heads", a.num_attention_heads, "--seq-length", a.seq_length,
-            "--micro-batch-size", a.micro_batch_size, "--global-batch-size", a.micro_batch_size * world,
+            "--micro-batch-size", a.micro_batch_size, "--global-batch-size", a.micro_batch_size * world * a.grad_accum,
             "--train-iters", 10 ** 6, "--vocab-size", a.vocab_size, "--ds_config", a.ds_config]
     if system == "dense":
         argv += ["--ffn-hidden-size", a.moe_router_topk * a.ffn_hidden_size]
@@ -194,6 +202,8 @@ def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
         argv += ["--samoe-pool-size", a.samoe_pool_size]
     if system.startswith("samoe-sharded"):
         argv += ["--samoe-pool-sharding", "sharded"]
+    if system.endswith("-once"):
+        argv.append("--samoe-materialize-once-per-step")
     if system in CAPACITY and system != "dsmoe":
         argv += ["--moe-expert-capacity-factor", a.capacity_factor]
         if a.pad_to_capacity:
@@ -303,10 +313,14 @@ def flops_per_token(a, system: str) -> float:
     return 6.0 * (L * (4 * h * h + mlp) + h * a.vocab_size) + 12.0 * L * h * a.seq_length
 
 
-def materialise_flops_per_step(a, ep: int, shards: int = 1) -> float:
-    """SaMoE's extra FLOPs per step and rank: 8 GEMMs of (N/EP) x P x h*f per layer (forward W1, W2;
-    backward their recomputation, and dW -> dW_pool and dA for each); a sharded pool does 1/EDP."""
-    return 8 * 2.0 * (a.num_experts // ep) * a.samoe_pool_size * a.hidden_size * a.ffn_hidden_size * a.num_layers / shards
+def materialise_flops_per_step(a, ep: int, shards: int = 1, once: bool = False) -> float:
+    """SaMoE's extra FLOPs per step and rank, in GEMMs of (N/EP) x P x h*f per layer: for each of W1, W2
+    and each micro-batch, the forward materialisation, backward's recomputation, dW -> dW_pool and dA
+    (8 per micro-batch); materialised once per step (``once``), 2 per step plus the 4 gradient
+    mappings per micro-batch. A sharded pool does 1/EDP of them."""
+    gemms = 2 + 4 * a.grad_accum if once else 8 * a.grad_accum
+    gemm = 2.0 * (a.num_experts // ep) * a.samoe_pool_size * a.hidden_size * a.ffn_hidden_size
+    return gemms * gemm * a.num_layers / shards
 
 
 # -- one (EP, dtype) group -----------------------------------------------------------------------
@@ -359,7 +373,7 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
             continue
         steps = [t for rnd in per_round[name] for t in rnd]
         st = spread(steps)
-        tokens = a.micro_batch_size * a.seq_length * w.size
+        tokens = a.micro_batch_size * a.seq_length * w.size * a.grad_accum
         fpt = flops_per_token(a, w.system)
         rec = {"type": "result", "system": w.system, "name": name, "ep": ep, "edp": edp, "layout": layout,
                "dtype": dtype,
@@ -373,7 +387,8 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
                "memory": {"rss_import_bytes": max(r["rss_import_bytes"] for r in ready[name])}}
         if w.system.startswith("samoe"):
             shards = edp if w.system.startswith("samoe-sharded") else 1
-            rec["materialise_flops_fraction"] = materialise_flops_per_step(a, ep, shards) / (fpt * tokens / w.size)
+            rec["materialise_flops_fraction"] = (materialise_flops_per_step(a, ep, shards, w.system.endswith("-once"))
+                                                 / (fpt * tokens / w.size))
             rec["grouped_mm"] = ready[name][0].get("grouped_mm")
         if name in profiles:
             prof = profiles[name]
@@ -391,6 +406,7 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
     pairs = [("moe", n) for n in results if n != "moe" and "/" not in n]
     pairs += [("moe/no-malloc-env", "samoe/no-malloc-env"), ("samoe/no-malloc-env", "samoe"), ("moe/no-malloc-env", "moe")]
     pairs += [(n.removesuffix(TP2), n) for n in results if n.endswith(TP2)]  # TP2 over TP1, same model and batch
+    pairs += [(n.removesuffix("-once"), n) for n in results if n.endswith("-once")]  # once per step over per call
     for base, other in pairs:  # tokens/s of `other` over `base`, paired per round
         if base in results and other in results:
             rec = {"type": "ratio", "ep": ep, "edp": edp, "layout": layout, "dtype": dtype, "numerator": other,

@@ -2,9 +2,10 @@
 
 bench/comm_volume.py counts every torch.distributed collective of a 4-process, EP=2 training step
 (two micro-batches) of the standard MoE, of SaMoE with a replicated pool and of SaMoE with a
-sharded pool. The model is derived on paper (ring collectives, DeepSpeed's ZeRO-1 gradient
-all-reduce plus parameter all-gather once per step; the sharded pool's all-gathers and
-reduce-scatters once per layer and micro-batch); the measured bytes of the expert weights must
+sharded pool, per micro-batch or materialised once per step. The model is derived on paper (ring
+collectives, DeepSpeed's ZeRO-1 gradient all-reduce plus parameter all-gather once per step; the
+sharded pool's all-gathers and reduce-scatters once per layer and micro-batch, or its all-gathers
+once per layer and step); the measured bytes of the expert weights must
 equal it up to a few scalars, and the all-to-all up to the routing's imbalance (the model assumes
 tokens spread evenly over the ranks). The expected values come from ``scaling_model.per_gpu``
 evaluated here at the run's shape.
@@ -90,9 +91,20 @@ def test_measured_communication_matches_the_analytic_model(tmp_path):
     assert edp["all-gather over expert-data-parallel group"]["calls"] == 2 * per_call
     assert edp["reduce-scatter over expert-data-parallel group"]["calls"] == per_call
 
+    # Materialised once per step: one all-gather per MoE layer and STEP (not two per layer and
+    # micro-batch), the reduce-scatter still per layer call; bytes exactly the model's.
+    for key in ("samoe_sharded_once_weight_all_gather_bytes_per_gpu (EDP group)",
+                "samoe_sharded_once_dW_reduce_scatter_bytes_per_gpu (EDP group)"):
+        assert c[key]["measured"] > 0 and c[key]["measured"] == pytest.approx(c[key]["model"], rel=1e-12), (key, c[key])
+    once = res["samoe_sharded_once"]["per_step_rank0_by_op"]
+    assert once["all-gather over expert-data-parallel group"]["calls"] == cfg["num_layers"] // cfg["moe_layer_freq"]
+    assert once["reduce-scatter over expert-data-parallel group"]["calls"] == per_call
+    assert c["samoe_sharded_once_weight_all_gather_bytes_per_gpu (EDP group)"]["measured"] == pytest.approx(
+        c["samoe_sharded_weight_all_gather_bytes_per_gpu (EDP group)"]["measured"] / (2 * cfg["grad_accum"]), rel=1e-12)
+
     a2a = c["all_to_all_bytes_per_gpu"]
     assert a2a["model"] == pytest.approx(model["all_to_all_GB_per_gpu"] * GB)
-    for key in ("measured_moe", "measured_samoe", "measured_samoe_sharded"):
+    for key in ("measured_moe", "measured_samoe", "measured_samoe_sharded", "measured_samoe_sharded_once"):
         assert abs(a2a[key] - a2a["model"]) <= 0.2 * a2a["model"], a2a
 
     # SaMoE syncs its pool once per step, not once per layer that uses it: the replicated pool's
@@ -130,6 +142,14 @@ def test_sharded_model_reduces_to_replicated_and_scales_with_micro_batches():
                 "samoe_sharded_combination_world_sync_GB_per_gpu", "all_to_all_GB_per_gpu",
                 "expert_memory_GB_per_gpu_samoe_sharded"):
         assert ga4[key] == pytest.approx(ga1[key])
+    # Materialised once per step: one gather per layer and step (half of GA = 1's two), the forward
+    # GEMM once and dpool, dA per micro-batch: (1 + 2 GA) of the default's 4 GA GEMMs.
+    for r in (ga1, ga4):
+        assert r["expert_gather_GB_per_gpu_samoe_sharded_once"] == pytest.approx(
+            ga1["expert_gather_GB_per_gpu_samoe_sharded"] / 2)
+        for suffix in ("", "_sharded"):
+            assert r["materialisation_flops_vs_step_flops" + suffix + "_once"] == pytest.approx(
+                r["materialisation_flops_vs_step_flops" + suffix] * (1 + 2 * r["grad_accum"]) / (4 * r["grad_accum"]))
     # The break-even GA is where the sharded sync equals the standard MoE's.
     ga = ga1["sharded_sync_break_even_ga"]
     at = ga1["samoe_sharded_reduce_scatter_GB_per_gpu"] * ga + ga1["samoe_sharded_pool_ep_sync_GB_per_gpu"] \
