@@ -3,7 +3,8 @@ the flag: real gloo processes at world 4, DeepSpeed engine, 2 micro-batches per 
 norms and every parameter after each of 3 steps (a stale cached weight after an optimizer step would
 change step 2's loss and every later parameter). Each rank also counts its materialisations: one per
 layer and pool tensor per step (sharded: one fused gather per layer), where the default takes two per
-layer call (forward, and backward's rematerialisation), and the cache is empty between steps.
+layer call (forward, and backward's rematerialisation), and the cache is empty between steps. The
+replicated case also runs full recompute (every forward rerun in backward takes the cached weights).
 """
 
 from __future__ import annotations
@@ -40,18 +41,19 @@ def _probe(trainer) -> dict:
             "cache_empty": trainer.model.gpt.samoe_pool._step_weights is None}
 
 
-CASES = [  # (ep, zero, sharding, materialisations per step with the flag: (materialize, materialize_many))
-    (2, 1, "sharded", (0, LAYERS)),  # EP2 x EDP2: one fused all-gather per layer and step
-    (2, 2, "replicated", (2 * LAYERS, 0)),  # EP2 x DP2: w1 and w2 of each layer, once
+CASES = [  # (ep, zero, sharding, extra flags, materialisations per step: (materialize, materialize_many))
+    (2, 1, "sharded", (), (0, LAYERS)),  # EP2 x EDP2: one fused all-gather per layer and step
+    # EP2 x DP2, w1 and w2 of each layer once; full recompute reruns every forward from the cache
+    (2, 2, "replicated", ("--recompute-granularity", "full"), (2 * LAYERS, 0)),
 ]
 
 
-@pytest.mark.parametrize("ep, zero, sharding, per_step", CASES, ids=[c[2] for c in CASES])
+@pytest.mark.parametrize("ep, zero, sharding, extra, per_step", CASES, ids=[c[2] for c in CASES])
 def test_materialize_once_per_step_matches_single_process(tmp_path, tmp_path_factory, tiny_corpus, ep, zero,
-                                                          sharding, per_step):
+                                                          sharding, extra, per_step):
     ref = _reference(tmp_path_factory, tiny_corpus, "samoe", 2, *ACCUMULATE)
     runs = run_world(4, _args(tmp_path, *tiny_corpus, "samoe", 2, ep, zero, "--samoe-pool-sharding", sharding,
-                              *ACCUMULATE, *ONCE), STEPS, tmp_path / "out", probe=_probe)
+                              *ACCUMULATE, *extra, *ONCE), STEPS, tmp_path / "out", probe=_probe)
     for res in runs:
         assert all(p["cache_empty"] for p in res["extra"])
         for p in res["extra"][1:]:
