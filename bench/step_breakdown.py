@@ -128,8 +128,7 @@ def _install_function_ranges() -> None:
                             ("reduce_scatter_columns_many", "pool collectives"),
                             ("_map_weight_grad", "pool/A grad"),
                             ("grouped_matmul", "expert GEMM"), ("grouped_weight_grad", "expert GEMM")):
-            if hasattr(ffn, name):
-                setattr(ffn, name, ranged(getattr(ffn, name), label))
+            setattr(ffn, name, ranged(getattr(ffn, name), label))
     pool = sys.modules.get("samoe_dist.samoe.pool")
     if pool is not None:  # the sink sums deferred A^T dW factors when the gate takes the gradient
         pool.PoolGradSink._flush = ranged(pool.PoolGradSink._flush, "pool/A grad")

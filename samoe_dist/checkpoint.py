@@ -117,8 +117,6 @@ def load_consolidated_state(model: torch.nn.Module, cfg: RunConfig, groups, stat
         p.copy_(value.to(device=p.device, dtype=p.dtype))
 
 
-# Flags whose values live on in the restored optimizer and LR-scheduler state (Megatron's
-# --override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler choice).
 def rng_state() -> dict:
     """Every random state a training step draws from on this rank (see set_rng_state)."""
     import random

@@ -30,7 +30,8 @@ SHAPE_FIELDS = {
     "samoe": ("samoe_pool_size",),
 }
 
-
+# Flags whose values live on in the restored optimizer and LR-scheduler state (Megatron's
+# --override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler choice).
 OPT_SCHEDULE_FIELDS = {
     "training": ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "weight_decay",
                  "adam_beta1", "adam_beta2", "adam_eps"),
@@ -137,5 +138,3 @@ def check_config(saved: dict, cfg: RunConfig, source: str) -> list[str]:
         raise ConfigError(f"checkpoint {source} does not match this model: " + "; ".join(diffs)
                           + " (use the checkpoint's values, or start without --load)")
     return diffs
-
-

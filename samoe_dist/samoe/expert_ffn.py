@@ -190,6 +190,14 @@ def _fc1_backward(x_TH, dz_TF, A_nP, w_PHF, dA_nP, counts, need_x: bool, need_w:
     return dx_TH, dw_pool
 
 
+def _materialize_now(A_nP, pools, access: PoolAccess, indices: Sequence[int]) -> dict:
+    """{index: weight} of the pool tensors at ``indices``, all materialised now (sharded: in one
+    all-gather)."""
+    if access.shard is not None:
+        return dict(zip(indices, materialize_many(A_nP, [pools[i] for i in indices], access, indices)))
+    return {i: materialize(A_nP, pools[i], access, i) for i in indices}
+
+
 def _call_weights(A_nP, pools, access: PoolAccess, indices: Sequence[int]) -> dict:
     """{index: weight} of the pool tensors at ``indices`` (into (w1, w2, w3)) that a layer call uses.
     With a step cache (``access.cache``): the cached weights, all of the layer's materialised (and
@@ -198,14 +206,10 @@ def _call_weights(A_nP, pools, access: PoolAccess, indices: Sequence[int]) -> di
     if access.cache is not None:
         store = access.cache
         if any(i not in store for i in indices):  # the layer's first call of the step: every tensor it has
-            every = [i for i, w in enumerate(pools) if w is not None]
-            if access.shard is not None:
-                store.update(zip(every, materialize_many(A_nP, [pools[i] for i in every], access, every)))
-            else:
-                store.update((i, materialize(A_nP, pools[i], access, i)) for i in every)
+            store.update(_materialize_now(A_nP, pools, access, [i for i, w in enumerate(pools) if w is not None]))
         return {i: store[i] for i in indices}
     if access.shard is not None:
-        return dict(zip(indices, materialize_many(A_nP, [pools[i] for i in indices], access, indices)))
+        return _materialize_now(A_nP, pools, access, indices)
     return {i: functools.partial(materialize, A_nP, pools[i], access, i) for i in indices}
 
 

@@ -38,7 +38,7 @@ def _probe(trainer) -> dict:
     for name in counts:
         counts[name] = 0
     return {"grad_norm": trainer.last_grad_norm, "calls": seen,
-            "cache_empty": trainer.model.gpt.samoe_pool._step_weights is None}
+            "cache_empty": trainer.model.gpt.samoe_pool.cached_weights("probe") is None}
 
 
 CASES = [  # (ep, zero, sharding, extra flags, materialisations per step: (materialize, materialize_many))
