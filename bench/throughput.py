@@ -60,6 +60,10 @@ which ``peak_step_alloc_raw_bytes`` includes. ``resting_bytes`` is what is alive
 Time breakdown: after the timed rounds, ``--profile-steps`` more steps per system under
 torch.profiler, with ranges added around the model's parts from outside the package
 (``bench/step_breakdown.py`` lists them and how time is attributed); medians over those steps.
+The timed steps themselves also carry their phases by wall clock, without the profiler
+(``phase_ms`` of a result: forward, backward, gradient reduction, optimizer, other; medians over
+the steps of each phase's mean over ranks), and each ``policy_ratio`` gives SaMoE's phase times
+minus the peer's (``phase_ms_delta``): where a ratio's difference lies, at no profiler cost.
 
 Output: JSON lines on stdout (and ``--output``): ``config``; per (EP, dtype) ``peak``, one
 ``result`` per system, ``ratio`` records (every system over moe; ``headline`` marks samoe/moe);
@@ -164,6 +168,25 @@ def parse_args(argv=None):
     if any(a.num_experts % ep for ep, _ in a.layout_list) or a.samoe_pool_size < 1:
         p.error(f"--num-experts {a.num_experts} must be divisible by every EP size {[e for e, _ in a.layout_list]}")
     return a
+
+
+def cpu_info() -> dict:
+    """The CPU model and the instruction sets that decide its bf16 speed (results differ between
+    machines of the same kind: record which one gave each number)."""
+    info = {"model": "unknown", "bf16_isa": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name") and info["model"] == "unknown":
+            info["model"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["bf16_isa"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx512_fp16", "avx2"})
+            break
+    return info
 
 
 def _cores() -> int:
@@ -336,6 +359,7 @@ def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_d
         ready = {name: w.recv() for name, w in worlds.items()}
         names = list(worlds)
         per_round: dict[str, list[list[float]]] = {n: [] for n in names}
+        per_phase: dict[str, list[dict]] = {n: [] for n in names}  # every timed step's phases
         for r in range(a.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
@@ -345,6 +369,8 @@ def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_d
                     continue
                 replies = w.ask({"cmd": "run", "steps": a.steps_per_round})
                 per_round[name].append([max(ts) for ts in zip(*(rep["step_s"] for rep in replies))])
+                per_phase[name] += [{k: statistics.fmean(p[k] for p in ps) for k in ps[0]}  # mean over ranks
+                                    for ps in zip(*(rep["phase_s"] for rep in replies))]
             log.info("EP=%d x EDP=%d %s: round %d/%d done", ep, edp, dtype, r + 1, a.rounds)
         profiles = {}
         if a.profile:
@@ -354,7 +380,7 @@ def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_d
     finally:
         for w in worlds.values():
             w.close()
-    return summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
+    return summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit, per_phase)
 
 
 def _paired(per_round, base: str, other: str) -> dict:
@@ -362,7 +388,12 @@ def _paired(per_round, base: str, other: str) -> dict:
     return spread([statistics.median(b) / statistics.median(o) for b, o in zip(per_round[base], per_round[other])])
 
 
-def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit) -> dict:
+def _phase_ms(steps: list[dict]) -> dict:
+    """Median milliseconds of each phase over the timed steps (each step's phases: mean over ranks)."""
+    return {k: 1e3 * statistics.median(s[k] for s in steps) for k in steps[0]} if steps else {}
+
+
+def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit, per_phase=None) -> dict:
     layout = f"{ep}x{edp}"
     peak_gflops = spread([x for rnd in per_round["peak"] for x in rnd])
     emit({"type": "peak", "ep": ep, "edp": edp, "layout": layout, "dtype": dtype, "matmul_size": a.matmul_size,
@@ -383,6 +414,7 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
                "flops_per_token": fpt,
                "mfu": {k: fpt * tokens / st[k2] / (peak_gflops["median"] * 1e9)
                        for k, k2 in (("median", "median"), ("min", "max"), ("max", "min"))},
+               "phase_ms": _phase_ms((per_phase or {}).get(name, [])),
                "params": ready[name][0].get("param_counts"), "losses_last_warmup": ready[name][0].get("losses"),
                "memory": {"rss_import_bytes": max(r["rss_import_bytes"] for r in ready[name])}}
         if w.system.startswith("samoe"):
@@ -428,6 +460,8 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit)
                        "policy": policy, "numerator": s_name, "denominator": peer, "fastest_peer": peer == fastest,
                        "tokens_per_s_ratio": _paired(per_round, peer, s_name),
                        "best_step_ratio": results[peer]["step_s"]["min"] / results[s_name]["step_s"]["min"],
+                       "phase_ms_delta": {k: v - results[peer]["phase_ms"].get(k, 0.0)
+                                          for k, v in results[s_name]["phase_ms"].items()},
                        "peak_step_alloc_ratio": _alloc_ratio(results, s_name, peer),
                        "peak_total_ratio": _alloc_ratio(results, s_name, peer, "peak_total_bytes")}
                 emit(rec)
@@ -461,7 +495,7 @@ def main(argv=None) -> None:
             out.write(line + "\n")
             out.flush()
 
-    config = {"type": "config", "mode": "quick" if a.quick else "default", "cores": _cores(),
+    config = {"type": "config", "mode": "quick" if a.quick else "default", "cores": _cores(), "cpu": cpu_info(),
               "loadavg_start": round(os.getloadavg()[0], 2), "systems": a.systems,
               "layouts": [f"{ep}x{edp}" for ep, edp in a.layout_list],
               "dtypes": a.dtype_list, **{k: getattr(a, k) for k in PRESETS["default"]},

@@ -33,7 +33,9 @@ def markdown(config: dict, groups: list[dict]) -> str:
              f"N={a.num_experts} k={a.moe_router_topk} P={a.samoe_pool_size} (SaMoE) seq={a.seq_length} "
              f"micro-batch={a.micro_batch_size} per rank, vocab={a.vocab_size}; dense f={a.moe_router_topk * a.ffn_hidden_size}; "
              f"DeepSpeed MoE capacity factor {a.capacity_factor}; ds_config {a.ds_config}.",
-             f"Machine: {config['cores']} cores, load average {config['loadavg_start']} at start, "
+             f"Machine: {config.get('cpu', {}).get('model', 'CPU not recorded')} "
+             f"({', '.join(config.get('cpu', {}).get('bf16_isa', [])) or 'no bf16/AVX ISA recorded'}), "
+             f"{config['cores']} cores, load average {config['loadavg_start']} at start, "
              f"{config['loadavg_end']} at end; {a.rounds} rounds x {a.steps_per_round} steps after {a.warmup} "
              f"warm-up steps, systems interleaved round-robin. Layout EPxEDP is EP x EDP gloo processes, "
              f"cores / processes threads each (at least 1); the micro-batch is per rank, so the tokens per step "
@@ -95,6 +97,14 @@ def markdown(config: dict, groups: list[dict]) -> str:
     for g in groups:
         p, any_r = g["peak"], next(iter(g["results"].values()))
         lines.append(f"| {_layout(any_r)} | {any_r['dtype']} | {p['median']:.1f} [{p['min']:.1f}, {p['max']:.1f}] |")
+    phases = ("forward", "backward", "grad_reduce", "optimizer", "other")
+    lines += ["", "## Step phases by wall clock (timed steps, no profiler; median ms, mean over ranks)", "",
+              "| layout | dtype | system | step | " + " | ".join(phases) + " |", "|---|---|---|---|" + "---|" * len(phases)]
+    for g in groups:
+        for name, r in g["results"].items():
+            if r.get("phase_ms") and "/" not in name:
+                lines.append(f"| {_layout(r)} | {r['dtype']} | {name} | {1e3 * r['step_s']['median']:.0f} | " +
+                             " | ".join(f"{r['phase_ms'].get(p, 0):.0f}" for p in phases) + " |")
     cats = list(CATEGORIES) + ["other"]
     lines += ["", "## Step breakdown (torch.profiler, % of one profiled step, rank 0; ranges in "
               "bench/step_breakdown.py)", "", "| layout | dtype | system | " + " | ".join(cats) + " |",

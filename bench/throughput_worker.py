@@ -10,7 +10,8 @@ Started by ``bench/throughput.py`` (one process per rank, one world per system/E
   ``gmoe``/``gmoe-cf`` it is ``bench/grouped_moe_adapter.build_grouped_moe_model``.
 
 Then it runs the warm-up steps, prints ``ready`` and answers JSON commands, one per line:
-``{"cmd": "run", "steps": n}`` (times n train_steps), ``{"cmd": "profile"}`` (one step under
+``{"cmd": "run", "steps": n}`` (times n train_steps; each step's wall time and its phases, see
+:class:`PhaseTimer`), ``{"cmd": "profile"}`` (one step under
 torch.profiler for the time breakdown, one with ``profile_memory`` for the peak), ``{"cmd":
 "quit"}``. Replies go to the ORIGINAL stdout, one JSON line each; everything the libraries print
 goes to stderr. The ``peak`` system times a large matmul instead (the machine's matmul peak).
@@ -77,6 +78,49 @@ class SyntheticData:
     def micro_batch(self, split, consumed_samples, micro_batch_size, dp_rank, dp_size, micro_step):
         self.calls += 1
         return self.batches[self.calls % len(self.batches)]
+
+
+class PhaseTimer:
+    """Wall-clock time of a step's phases, without the profiler (whose per-op cost weighs more on a
+    system of many small ops, such as megatron's expert loop): the engine's ``forward``,
+    ``backward``, ``allreduce_gradients`` and ``step`` are wrapped on the live engine. Times are
+    exclusive: the gradient reduction (inside ``backward`` at the accumulation boundary, or inside
+    ``step`` when the engine leaves the boundary to it) counts as "grad_reduce" only; the rest of the
+    step is "other". Two clock reads per call."""
+
+    PHASES = ("forward", "backward", "grad_reduce", "optimizer")
+
+    def __init__(self, engine):
+        self.acc: dict = {}
+        self._stack: list = []
+        for method, phase in (("forward", "forward"), ("backward", "backward"),
+                              ("allreduce_gradients", "grad_reduce"), ("step", "optimizer")):
+            if hasattr(engine, method):
+                setattr(engine, method, self._timed(getattr(engine, method), phase))
+
+    def _timed(self, fn, phase: str):
+        def timed(*args, **kwargs):
+            self._stack.append(phase)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                self._stack.pop()
+                self.acc[phase] = self.acc.get(phase, 0.0) + dt
+                if self._stack:  # nested: not the enclosing phase's own time
+                    self.acc[self._stack[-1]] = self.acc.get(self._stack[-1], 0.0) - dt
+        return timed
+
+    def run(self, step_fn) -> tuple[float, dict]:
+        """(step seconds, {phase: seconds}) of one call of ``step_fn``."""
+        self.acc, self._stack = {}, []
+        t0 = time.perf_counter()
+        step_fn()
+        total = time.perf_counter() - t0
+        phases = {p: self.acc.get(p, 0.0) for p in self.PHASES}
+        phases["other"] = total - sum(phases.values())
+        return total, phases
 
 
 def _peak_worker(spec, send) -> None:
@@ -216,6 +260,7 @@ def main() -> None:
 
     logging.getLogger("samoe").setLevel(logging.WARNING)
     n_params = sum(p.numel() for p in trainer.model.parameters())
+    timer = PhaseTimer(trainer.engine)
     warm = []
     for _ in range(spec["warmup"]):
         t0 = time.perf_counter()
@@ -229,12 +274,12 @@ def main() -> None:
         if cmd["cmd"] == "quit":
             break
         if cmd["cmd"] == "run":
-            times = []
+            times, phases, out = [], [], {}
             for _ in range(cmd["steps"]):
-                t0 = time.perf_counter()
-                losses = trainer.train_step()
-                times.append(time.perf_counter() - t0)
-            send({"event": "ran", "step_s": times, "lm_loss": losses.get("lm_loss")})
+                total, parts = timer.run(lambda: out.update(losses=trainer.train_step()))
+                times.append(total)
+                phases.append(parts)
+            send({"event": "ran", "step_s": times, "phase_s": phases, "lm_loss": out["losses"].get("lm_loss")})
         elif cmd["cmd"] == "profile":
             send(_profile(trainer, cmd["steps"]))
 

@@ -32,6 +32,8 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
         by_type.setdefault(rec["type"], []).append(rec)
     assert set(by_type) == {"config", "peak", "result", "ratio", "policy_ratio", "summary"}
     assert by_type["config"][0]["mode"] == "quick"
+    cpu = by_type["config"][0]["cpu"]  # which machine gave the numbers
+    assert isinstance(cpu["model"], str) and cpu["model"] and isinstance(cpu["bf16_isa"], list)
 
     (peak,) = by_type["peak"]
     assert peak["dtype"] == "fp32" and peak["gflops"]["median"] > 0
@@ -58,6 +60,12 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
                                        "expert GEMMs", "attention", "optimizer+reduce", "other"}
         assert 0.5 < sum(r["breakdown"].values()) < 1.0 + 1e-6
         assert r["breakdown_ms"].get("router (fwd)", 0) > 0 and r["breakdown_ms"].get("expert GEMM (bwd)", 0) > 0
+        # wall-clock phases of the timed steps: every engine phase ran; with 2 steps a median is their mean,
+        # so the phases sum to the mean step over ranks, at most the slowest rank's (step_s) at its longest
+        ph = r["phase_ms"]
+        assert set(ph) == {"forward", "backward", "grad_reduce", "optimizer", "other"}
+        assert all(ph[k] > 0 for k in ("forward", "backward", "optimizer")) and ph["grad_reduce"] >= 0
+        assert ph["other"] >= 0 and sum(ph.values()) <= 1e3 * st["max"] + 1e-6
     # only SaMoE materialises experts from the pool, in forward and again in backward
     assert results["samoe"]["breakdown_ms"].get("materialize (fwd)", 0) > 0
     assert results["samoe"]["breakdown_ms"].get("materialize (bwd)", 0) > 0
@@ -78,6 +86,8 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     fastest = min(("moe", "gmoe"), key=lambda n: results[n]["step_s"]["median"])
     assert [n for n, r in policy.items() if r["fastest_peer"]] == [fastest]
     assert policy["gmoe"]["best_step_ratio"] == results["gmoe"]["step_s"]["min"] / results["samoe"]["step_s"]["min"]
+    assert policy["gmoe"]["phase_ms_delta"] == {k: v - results["gmoe"]["phase_ms"][k]
+                                                for k, v in results["samoe"]["phase_ms"].items()}
     mems = {n: results[n]["memory"] for n in ("samoe", "gmoe")}
     assert policy["gmoe"]["peak_total_ratio"] == mems["samoe"]["peak_total_bytes"] / mems["gmoe"]["peak_total_bytes"]
 
@@ -85,6 +95,7 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     assert "| 1x1 | fp32 | samoe |" in report and "| 1x1 | fp32 | gmoe |" in report
     assert "SaMoE against the peers of its token policy" in report
     assert "Headline: SaMoE / megatron MoE" in report and "Step breakdown" in report
+    assert "Step phases by wall clock" in report and "| 1x1 | fp32 | samoe |" in report
     rerendered = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(out)],
                                 capture_output=True, text=True, cwd=REPO, timeout=60)
     assert rerendered.returncode == 0, rerendered.stderr[-3000:]
@@ -187,3 +198,50 @@ def test_tp2_systems_are_the_same_run_split_over_two_ranks():
         assert two[:len(one)] == one and two[len(one):] == ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
         cfg, _ = parse_args(two)
         assert validate_layout(cfg, 2) == 1 and cfg.training.global_batch_size == parse_args(one)[0].training.global_batch_size
+
+
+def test_phase_timer_times_are_exclusive(monkeypatch):
+    """bench/throughput_worker.PhaseTimer: a reduction nested in backward (or in step) counts once, as
+    grad_reduce; the phases and "other" sum to the step. On a fake clock the times are exact."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import throughput_worker
+
+    clock = [0.0]
+    monkeypatch.setattr(throughput_worker.time, "perf_counter", lambda: clock[0])
+
+    def work(seconds):
+        clock[0] += seconds
+
+    class Engine:
+        def __init__(self, reduce_in_step):
+            self.reduce_in_step = reduce_in_step
+
+        def forward(self):
+            work(1.0)
+
+        def allreduce_gradients(self):
+            work(0.25)
+
+        def backward(self):
+            work(2.0)
+            if not self.reduce_in_step:
+                self.allreduce_gradients()
+
+        def step(self):
+            if self.reduce_in_step:
+                self.allreduce_gradients()
+            work(0.5)
+
+    for reduce_in_step in (False, True):
+        engine = Engine(reduce_in_step)
+        timer = throughput_worker.PhaseTimer(engine)
+
+        def train_step():
+            work(0.125)  # data, loss bookkeeping
+            engine.forward()
+            engine.backward()
+            engine.step()
+
+        total, phases = timer.run(train_step)
+        assert total == 3.875
+        assert phases == {"forward": 1.0, "backward": 2.0, "grad_reduce": 0.25, "optimizer": 0.5, "other": 0.125}
