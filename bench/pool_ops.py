@@ -79,10 +79,13 @@ def time_ops(a) -> dict:
     A = torch.softmax(torch.randn(n, P, generator=gen), dim=-1).to(dtype)
     dW = torch.randn(n, h, f, generator=gen).to(dtype)
 
+    layer_factors = [(torch.softmax(torch.randn(n, P, generator=gen), dim=-1).to(dtype),
+                      torch.randn(n, h * f, generator=gen).to(dtype)) for _ in range(L)]  # one per layer
+
     def sink_step():
         sink = PoolGradSink(1, P)
-        for _ in range(L):
-            sink.add_mm(0, A, dW.view(n, -1))
+        for A_l, dW_l in layer_factors:
+            sink.add_mm(0, A_l, dW_l)
         return sink.take(0)
 
     return {

@@ -19,11 +19,12 @@ expert is drawn, whole, from its own seed (:meth:`ExpertPool.reset_parameters`),
 
 Gradient sink (:class:`PoolGradSink`): the pool is used by every MoE layer; letting autograd sum the
 layers' full-size pool gradients costs one [P, D] temporary and one add per layer. Instead each
-forward passes the pool through one :class:`_PoolGate`; every layer's backward accumulates its
-A^T dW into the sink's buffer in place (``addmm_``), and the gate hands that buffer to autograd once
-per backward, so DeepSpeed's gradient hooks fire once per pool tensor and micro-batch. The buffer
-is allocated late (as long as the layers' kept factors are smaller than it): not at the start of
-backward, where the activations peak.
+forward passes the pool through one :class:`_PoolGate`; every layer's backward hands the sink its
+factors A [n, P] and dW [n, D], the sink sums them into one buffer (one GEMM over the kept factors'
+stacked rows, ``addmm_`` in place when the buffer exists), and the gate hands that buffer to autograd
+once per backward, so DeepSpeed's gradient hooks fire once per pool tensor and micro-batch. The
+buffer is allocated late (as long as the layers' kept factors are smaller than it): not at the start
+of backward, where the activations peak.
 
 Step cache (``--samoe-materialize-once-per-step``, DESIGN.md §6): inside :meth:`ExpertPool.step_cache`
 (the Trainer opens it around one optimizer step's micro-batches and closes it before the optimizer
@@ -294,7 +295,8 @@ class PoolGradSink:
     dW [n, D]) while the factors kept for that tensor hold no more than P rows, and summed into the
     buffer when one more would exceed it, or when the gate takes the gradient. So the buffer is
     not held at the start of backward, where the activations peak, and what is kept instead never
-    outgrows it; the sum is the same, in the same order (backward's layer order)."""
+    outgrows it. The kept factors are summed by one GEMM over their rows stacked in backward's
+    layer order (:meth:`_flush`)."""
 
     __slots__ = ("grads", "pending", "rows", "consumed")
 
@@ -314,14 +316,28 @@ class PoolGradSink:
         self._flush(index)
 
     def _flush(self, index: int) -> None:
+        """Sum the kept factors into the buffer as ONE GEMM, ``[A_1; ...; A_k]^T [dW_1; ...; dW_k]``
+        (the [P, D] result is written once, instead of once per layer; in bf16 it is rounded once).
+        The dW factors are copied into one [rows, D] block, each freed once copied, so the peak
+        stays at the kept factors plus one buffer."""
         pending, g = self.pending[index], self.grads[index]
-        while pending:
-            A_nP, dW_nD = pending.pop(0)  # each kept dW is freed once added
-            if g is None:
-                g = self.grads[index] = A_nP.t() @ dW_nD
-            else:
-                g.addmm_(A_nP.t(), dW_nD)
-            del A_nP, dW_nD
+        if not pending:
+            return
+        if len(pending) == 1:
+            A_kP, dW_kD = pending.pop()
+        else:
+            A_kP = torch.cat([a for a, _ in pending])
+            dW_kD = pending[0][1].new_empty(A_kP.shape[0], pending[0][1].shape[1])
+            row = 0
+            while pending:
+                _, dW = pending.pop(0)
+                dW_kD[row:row + dW.shape[0]].copy_(dW)
+                row += dW.shape[0]
+                del dW
+        if g is None:
+            self.grads[index] = A_kP.t() @ dW_kD
+        else:
+            g.addmm_(A_kP.t(), dW_kD)
 
     def add_rows(self, index: int, lo: int, dW_nD: torch.Tensor, like: torch.Tensor) -> None:
         """grad[index][lo:lo+n] += dW_nD (experts used as they are: shared routing)."""
