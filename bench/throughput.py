@@ -143,6 +143,10 @@ def parse_args(argv=None):
                    help="also run moe and samoe without the glibc malloc settings (first group)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="profiled steps for the time breakdown and the allocator peak")
+    p.add_argument("--phase-barrier", action="store_true",
+                   help="a barrier before each gradient reduction, timed as phase 'skew', so the reduction's "
+                        "phase time excludes waiting for the slowest rank (adds a collective: for attribution, "
+                        "not for the throughput ratios)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one reply of a worker")
     p.add_argument("--output", help="also write the JSON lines here")
     p.add_argument("--markdown", help="write a Markdown report here")
@@ -258,7 +262,8 @@ class World:
             spec = dict(system=system, rank=rank, world=self.size, port=port, threads=threads, dtype=dtype,
                         argv=trainer_argv(a, system, ep, self.size, dtype), warmup=a.warmup,
                         capacity_factor=a.capacity_factor, hidden_size=a.hidden_size,
-                        ffn_hidden_size=a.ffn_hidden_size, matmul_size=a.matmul_size, matmul_reps=a.matmul_reps)
+                        ffn_hidden_size=a.ffn_hidden_size, matmul_size=a.matmul_size, matmul_reps=a.matmul_reps,
+                        phase_barrier=a.phase_barrier)
             path = os.path.join(log_dir, f"{name.replace('/', '_')}_ep{ep}x{edp}_{dtype}_rank{rank}.log")
             logf = open(path, "w")
             proc = subprocess.Popen([sys.executable, WORKER, json.dumps(spec)], stdin=subprocess.PIPE,
@@ -496,6 +501,7 @@ def main(argv=None) -> None:
             out.flush()
 
     config = {"type": "config", "mode": "quick" if a.quick else "default", "cores": _cores(), "cpu": cpu_info(),
+              "phase_barrier": a.phase_barrier,
               "loadavg_start": round(os.getloadavg()[0], 2), "systems": a.systems,
               "layouts": [f"{ep}x{edp}" for ep, edp in a.layout_list],
               "dtypes": a.dtype_list, **{k: getattr(a, k) for k in PRESETS["default"]},

@@ -98,6 +98,8 @@ def markdown(config: dict, groups: list[dict]) -> str:
         p, any_r = g["peak"], next(iter(g["results"].values()))
         lines.append(f"| {_layout(any_r)} | {any_r['dtype']} | {p['median']:.1f} [{p['min']:.1f}, {p['max']:.1f}] |")
     phases = ("forward", "backward", "grad_reduce", "optimizer", "other")
+    if any("skew" in r.get("phase_ms", {}) for g in groups for r in g["results"].values()):
+        phases = phases[:3] + ("skew",) + phases[3:]  # --phase-barrier: the wait before the reduction
     lines += ["", "## Step phases by wall clock (timed steps, no profiler; median ms, mean over ranks)", "",
               "| layout | dtype | system | step | " + " | ".join(phases) + " |", "|---|---|---|---|" + "---|" * len(phases)]
     for g in groups:

@@ -90,9 +90,21 @@ class PhaseTimer:
 
     PHASES = ("forward", "backward", "grad_reduce", "optimizer")
 
-    def __init__(self, engine):
+    def __init__(self, engine, barrier=None):
+        """``barrier``: a callable run (and timed as phase "skew") before each gradient reduction,
+        so that the reduction's time excludes waiting for the slowest rank (bench flag
+        ``--phase-barrier``)."""
         self.acc: dict = {}
         self._stack: list = []
+        self.phases = self.PHASES + (("skew",) if barrier is not None else ())
+        reduce = engine.allreduce_gradients if hasattr(engine, "allreduce_gradients") else None
+        if reduce is not None and barrier is not None:
+            timed_barrier = self._timed(barrier, "skew")
+
+            def reduce_after_barrier(*args, **kwargs):
+                timed_barrier()
+                return reduce(*args, **kwargs)
+            engine.allreduce_gradients = reduce_after_barrier
         for method, phase in (("forward", "forward"), ("backward", "backward"),
                               ("allreduce_gradients", "grad_reduce"), ("step", "optimizer")):
             if hasattr(engine, method):
@@ -118,7 +130,7 @@ class PhaseTimer:
         t0 = time.perf_counter()
         step_fn()
         total = time.perf_counter() - t0
-        phases = {p: self.acc.get(p, 0.0) for p in self.PHASES}
+        phases = {p: self.acc.get(p, 0.0) for p in self.phases}
         phases["other"] = total - sum(phases.values())
         return total, phases
 
@@ -260,7 +272,12 @@ def main() -> None:
 
     logging.getLogger("samoe").setLevel(logging.WARNING)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    timer = PhaseTimer(trainer.engine)
+    barrier = None
+    if spec.get("phase_barrier"):
+        import torch.distributed as dist
+
+        barrier = dist.barrier
+    timer = PhaseTimer(trainer.engine, barrier)
     warm = []
     for _ in range(spec["warmup"]):
         t0 = time.perf_counter()

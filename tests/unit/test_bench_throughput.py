@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_quick_throughput_bench_prints_its_records(tmp_path):
     out, md = tmp_path / "out.jsonl", tmp_path / "report.md"
     cmd = [sys.executable, str(REPO / "bench" / "throughput.py"), "--quick", "--systems", "samoe,moe,gmoe",
-           "--layouts", "1x1", "--dtypes", "fp32", "--rounds", "1", "--no-malloc-compare",
+           "--layouts", "1x1", "--dtypes", "fp32", "--rounds", "1", "--no-malloc-compare", "--phase-barrier",
            "--output", str(out), "--markdown", str(md)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -31,7 +31,7 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     for rec in records:
         by_type.setdefault(rec["type"], []).append(rec)
     assert set(by_type) == {"config", "peak", "result", "ratio", "policy_ratio", "summary"}
-    assert by_type["config"][0]["mode"] == "quick"
+    assert by_type["config"][0]["mode"] == "quick" and by_type["config"][0]["phase_barrier"] is True
     cpu = by_type["config"][0]["cpu"]  # which machine gave the numbers
     assert isinstance(cpu["model"], str) and cpu["model"] and isinstance(cpu["bf16_isa"], list)
 
@@ -63,7 +63,7 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
         # wall-clock phases of the timed steps: every engine phase ran; with 2 steps a median is their mean,
         # so the phases sum to the mean step over ranks, at most the slowest rank's (step_s) at its longest
         ph = r["phase_ms"]
-        assert set(ph) == {"forward", "backward", "grad_reduce", "optimizer", "other"}
+        assert set(ph) == {"forward", "backward", "grad_reduce", "optimizer", "other", "skew"}  # --phase-barrier
         assert all(ph[k] > 0 for k in ("forward", "backward", "optimizer")) and ph["grad_reduce"] >= 0
         assert ph["other"] >= 0 and sum(ph.values()) <= 1e3 * st["max"] + 1e-6
     # only SaMoE materialises experts from the pool, in forward and again in backward
@@ -95,7 +95,7 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     assert "| 1x1 | fp32 | samoe |" in report and "| 1x1 | fp32 | gmoe |" in report
     assert "SaMoE against the peers of its token policy" in report
     assert "Headline: SaMoE / megatron MoE" in report and "Step breakdown" in report
-    assert "Step phases by wall clock" in report and "| 1x1 | fp32 | samoe |" in report
+    assert "Step phases by wall clock" in report and "| skew |" in report
     rerendered = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(out)],
                                 capture_output=True, text=True, cwd=REPO, timeout=60)
     assert rerendered.returncode == 0, rerendered.stderr[-3000:]
@@ -245,3 +245,11 @@ def test_phase_timer_times_are_exclusive(monkeypatch):
         total, phases = timer.run(train_step)
         assert total == 3.875
         assert phases == {"forward": 1.0, "backward": 2.0, "grad_reduce": 0.25, "optimizer": 0.5, "other": 0.125}
+
+        # --phase-barrier: the wait before the reduction is its own phase, not the reduction's
+        engine = Engine(reduce_in_step)
+        timer = throughput_worker.PhaseTimer(engine, barrier=lambda: work(0.0625))
+        total, phases = timer.run(train_step)
+        assert total == 3.9375
+        assert phases == {"forward": 1.0, "backward": 2.0, "grad_reduce": 0.25, "skew": 0.0625, "optimizer": 0.5,
+                          "other": 0.125}
