@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +14,13 @@ import torch
 from samoe_dist import cpu_compat
 
 cpu_compat.apply()
+
+# Hugging Face models loaded with trust_remote_code copy their modeling code into HF_MODULES_CACHE
+# (default ~/.cache/huggingface/modules). The tests keep it in a directory of their own, removed at
+# exit, so a test run writes nothing to the user's home (subprocesses inherit it). Set before any
+# test imports transformers, which reads it at import.
+HF_MODULES_CACHE = os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="samoe-tests-hf-modules-")
+atexit.register(shutil.rmtree, HF_MODULES_CACHE, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -55,7 +55,13 @@ def hf_folder(tmp_path, argv, tokenizer, fmt="samoe", name="hf"):
 def load_hf(folder: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
+    # the remote code was copied into the tests' own modules cache (tests/conftest.py), not the home's
+    cache = Path(os.environ["HF_MODULES_CACHE"]).resolve()
+    assert type(model).__module__.startswith("transformers_modules.")
+    assert Path(sys.modules[type(model).__module__].__file__).resolve().is_relative_to(cache)
+    assert not cache.is_relative_to(Path.home().resolve() / ".cache")
+    return model
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -183,7 +189,7 @@ def test_exported_folder_loads_with_only_torch_and_transformers(seeded, tmp_path
             "print(float(m(torch.arange(8).view(1, 8)).logits.sum())); "
             "bad = [n for n in sys.modules if n.split('.')[0] in ('megatron', 'deepspeed', 'samoe_dist')]; "
             "assert not bad, bad")
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)),
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path),  # a clean home: its caches are the test's
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-c", code, str(out)], cwd=tmp_path, capture_output=True, text=True,
                          env=env, timeout=300)
