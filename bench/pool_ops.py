@@ -76,11 +76,9 @@ def time_ops(a) -> dict:
     gen = torch.Generator().manual_seed(0)
     n, P, h, f, L = a.num_experts // a.ep, a.samoe_pool_size, a.hidden_size, a.ffn_hidden_size, a.num_layers
     pool = torch.randn(P, h, f, generator=gen).to(dtype)
-    A = torch.softmax(torch.randn(n, P, generator=gen), dim=-1).to(dtype)
-    dW = torch.randn(n, h, f, generator=gen).to(dtype)
-
     layer_factors = [(torch.softmax(torch.randn(n, P, generator=gen), dim=-1).to(dtype),
-                      torch.randn(n, h * f, generator=gen).to(dtype)) for _ in range(L)]  # one per layer
+                      torch.randn(n, h * f, generator=gen).to(dtype)) for _ in range(L)]  # (A, dW) per layer
+    A, dW = layer_factors[0]  # one layer's, for the per-layer ops
 
     def sink_step():
         sink = PoolGradSink(1, P)

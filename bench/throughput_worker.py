@@ -97,9 +97,8 @@ class PhaseTimer:
         self.acc: dict = {}
         self._stack: list = []
         self.phases = self.PHASES + (("skew",) if barrier is not None else ())
-        reduce = engine.allreduce_gradients if hasattr(engine, "allreduce_gradients") else None
-        if reduce is not None and barrier is not None:
-            timed_barrier = self._timed(barrier, "skew")
+        if barrier is not None and hasattr(engine, "allreduce_gradients"):
+            reduce, timed_barrier = engine.allreduce_gradients, self._timed(barrier, "skew")
 
             def reduce_after_barrier(*args, **kwargs):
                 timed_barrier()
@@ -124,15 +123,15 @@ class PhaseTimer:
                     self.acc[self._stack[-1]] = self.acc.get(self._stack[-1], 0.0) - dt
         return timed
 
-    def run(self, step_fn) -> tuple[float, dict]:
-        """(step seconds, {phase: seconds}) of one call of ``step_fn``."""
+    def run(self, step_fn) -> tuple:
+        """(step_fn's result, step seconds, {phase: seconds}) of one call of ``step_fn``."""
         self.acc, self._stack = {}, []
         t0 = time.perf_counter()
-        step_fn()
+        result = step_fn()
         total = time.perf_counter() - t0
         phases = {p: self.acc.get(p, 0.0) for p in self.phases}
         phases["other"] = total - sum(phases.values())
-        return total, phases
+        return result, total, phases
 
 
 def _peak_worker(spec, send) -> None:
@@ -291,12 +290,12 @@ def main() -> None:
         if cmd["cmd"] == "quit":
             break
         if cmd["cmd"] == "run":
-            times, phases, out = [], [], {}
+            times, phases = [], []
             for _ in range(cmd["steps"]):
-                total, parts = timer.run(lambda: out.update(losses=trainer.train_step()))
+                losses, total, parts = timer.run(trainer.train_step)
                 times.append(total)
                 phases.append(parts)
-            send({"event": "ran", "step_s": times, "phase_s": phases, "lm_loss": out["losses"].get("lm_loss")})
+            send({"event": "ran", "step_s": times, "phase_s": phases, "lm_loss": losses.get("lm_loss")})
         elif cmd["cmd"] == "profile":
             send(_profile(trainer, cmd["steps"]))
 

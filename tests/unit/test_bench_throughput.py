@@ -242,14 +242,14 @@ def test_phase_timer_times_are_exclusive(monkeypatch):
             engine.backward()
             engine.step()
 
-        total, phases = timer.run(train_step)
+        _, total, phases = timer.run(train_step)
         assert total == 3.875
         assert phases == {"forward": 1.0, "backward": 2.0, "grad_reduce": 0.25, "optimizer": 0.5, "other": 0.125}
 
         # --phase-barrier: the wait before the reduction is its own phase, not the reduction's
         engine = Engine(reduce_in_step)
         timer = throughput_worker.PhaseTimer(engine, barrier=lambda: work(0.0625))
-        total, phases = timer.run(train_step)
+        _, total, phases = timer.run(train_step)
         assert total == 3.9375
         assert phases == {"forward": 1.0, "backward": 2.0, "grad_reduce": 0.25, "skew": 0.0625, "optimizer": 0.5,
                           "other": 0.125}
