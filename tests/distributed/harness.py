@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import os
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
 from tests.helpers import free_port
+
+
+def _leave_together() -> None:
+    """Wait for every rank before this process exits. Rank 0 hosts the rendezvous store: if it left
+    while another rank was still building a process group it is not in (through that store), that
+    rank's connection would be reset. A rank that failed before joining the world never comes; the
+    wait then ends after a minute and the parent reports the failed rank's saved error."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        except RuntimeError:
+            pass
 
 
 def _snapshot(trainer) -> dict[str, torch.Tensor]:
@@ -68,6 +83,7 @@ def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, probe
     except BaseException:  # reported to the parent, which fails the test
         result["error"] = traceback.format_exc()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    _leave_together()
 
 
 _CONTEXT = None
@@ -135,9 +151,11 @@ def _fn_worker(rank: int, world: int, port: int, ep: int, fn, args, out_dir: str
 
         groups = init_distributed(ep)
         result["value"] = fn(groups, *args)
-    except BaseException:
+    except BaseException:  # reported to the parent, which fails the test
         result["error"] = traceback.format_exc()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    _leave_together()
+    _leave_together()
 
 
 def run_fn(world: int, ep: int, fn, args: tuple, out_dir: Path, timeout: float = 300.0) -> list:
