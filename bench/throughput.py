@@ -64,6 +64,8 @@ The timed steps themselves also carry their phases by wall clock, without the pr
 (``phase_ms`` of a result: forward, backward, gradient reduction, optimizer, other; medians over
 the steps of each phase's mean over ranks), and each ``policy_ratio`` gives SaMoE's phase times
 minus the peer's (``phase_ms_delta``): where a ratio's difference lies, at no profiler cost.
+``phase_minor_faults`` gives each phase's minor page faults the same way (median over steps, mean
+over ranks): a phase whose memory is fresh each step pays for it there.
 
 Output: JSON lines on stdout (and ``--output``): ``config``; per (EP, dtype) ``peak``, one
 ``result`` per system, ``ratio`` records (every system over moe; ``headline`` marks samoe/moe);
@@ -365,6 +367,7 @@ def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_d
         names = list(worlds)
         per_round: dict[str, list[list[float]]] = {n: [] for n in names}
         per_phase: dict[str, list[dict]] = {n: [] for n in names}  # every timed step's phases
+        per_faults: dict[str, list[dict]] = {n: [] for n in names}  # and their minor page faults
         for r in range(a.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
@@ -376,6 +379,8 @@ def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_d
                 per_round[name].append([max(ts) for ts in zip(*(rep["step_s"] for rep in replies))])
                 per_phase[name] += [{k: statistics.fmean(p[k] for p in ps) for k in ps[0]}  # mean over ranks
                                     for ps in zip(*(rep["phase_s"] for rep in replies))]
+                per_faults[name] += [{k: statistics.fmean(p[k] for p in ps) for k in ps[0]}
+                                     for ps in zip(*(rep["phase_faults"] for rep in replies))]
             log.info("EP=%d x EDP=%d %s: round %d/%d done", ep, edp, dtype, r + 1, a.rounds)
         profiles = {}
         if a.profile:
@@ -385,7 +390,7 @@ def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_d
     finally:
         for w in worlds.values():
             w.close()
-    return summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit, per_phase)
+    return summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit, per_phase, per_faults)
 
 
 def _paired(per_round, base: str, other: str) -> dict:
@@ -393,12 +398,14 @@ def _paired(per_round, base: str, other: str) -> dict:
     return spread([statistics.median(b) / statistics.median(o) for b, o in zip(per_round[base], per_round[other])])
 
 
-def _phase_ms(steps: list[dict]) -> dict:
-    """Median milliseconds of each phase over the timed steps (each step's phases: mean over ranks)."""
-    return {k: 1e3 * statistics.median(s[k] for s in steps) for k in steps[0]} if steps else {}
+def _phase_ms(steps: list[dict], scale: float = 1e3) -> dict:
+    """Median milliseconds (``scale`` 1e3; 1 for counts) of each phase over the timed steps (each
+    step's phases: mean over ranks)."""
+    return {k: scale * statistics.median(s[k] for s in steps) for k in steps[0]} if steps else {}
 
 
-def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit, per_phase=None) -> dict:
+def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit, per_phase=None,
+                    per_faults=None) -> dict:
     layout = f"{ep}x{edp}"
     peak_gflops = spread([x for rnd in per_round["peak"] for x in rnd])
     emit({"type": "peak", "ep": ep, "edp": edp, "layout": layout, "dtype": dtype, "matmul_size": a.matmul_size,
@@ -420,6 +427,7 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit,
                "mfu": {k: fpt * tokens / st[k2] / (peak_gflops["median"] * 1e9)
                        for k, k2 in (("median", "median"), ("min", "max"), ("max", "min"))},
                "phase_ms": _phase_ms((per_phase or {}).get(name, [])),
+               "phase_minor_faults": _phase_ms((per_faults or {}).get(name, []), scale=1),
                "params": ready[name][0].get("param_counts"), "losses_last_warmup": ready[name][0].get("losses"),
                "memory": {"rss_import_bytes": max(r["rss_import_bytes"] for r in ready[name])}}
         if w.system.startswith("samoe"):

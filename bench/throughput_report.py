@@ -107,6 +107,14 @@ def markdown(config: dict, groups: list[dict]) -> str:
             if r.get("phase_ms") and "/" not in name:
                 lines.append(f"| {_layout(r)} | {r['dtype']} | {name} | {1e3 * r['step_s']['median']:.0f} | " +
                              " | ".join(f"{r['phase_ms'].get(p, 0):.0f}" for p in phases) + " |")
+    if any(r.get("phase_minor_faults") for g in groups for r in g["results"].values()):
+        lines += ["", "Minor page faults per step by phase (median over steps, mean over ranks; thousands):", "",
+                  "| layout | dtype | system | " + " | ".join(phases) + " |", "|---|---|---|" + "---|" * len(phases)]
+        for g in groups:
+            for name, r in g["results"].items():
+                if r.get("phase_minor_faults") and "/" not in name:
+                    lines.append(f"| {_layout(r)} | {r['dtype']} | {name} | " +
+                                 " | ".join(f"{r['phase_minor_faults'].get(p, 0) / 1e3:.1f}" for p in phases) + " |")
     cats = list(CATEGORIES) + ["other"]
     lines += ["", "## Step breakdown (torch.profiler, % of one profiled step, rank 0; ranges in "
               "bench/step_breakdown.py)", "", "| layout | dtype | system | " + " | ".join(cats) + " |",

@@ -86,7 +86,8 @@ class PhaseTimer:
     ``backward``, ``allreduce_gradients`` and ``step`` are wrapped on the live engine. Times are
     exclusive: the gradient reduction (inside ``backward`` at the accumulation boundary, or inside
     ``step`` when the engine leaves the boundary to it) counts as "grad_reduce" only; the rest of the
-    step is "other". Two clock reads per call."""
+    step is "other". Each phase also counts the minor page faults it caused (``getrusage``). Two
+    clock and two rusage reads per call."""
 
     PHASES = ("forward", "backward", "grad_reduce", "optimizer")
 
@@ -95,6 +96,7 @@ class PhaseTimer:
         so that the reduction's time excludes waiting for the slowest rank (bench flag
         ``--phase-barrier``)."""
         self.acc: dict = {}
+        self.faults: dict = {}
         self._stack: list = []
         self.phases = self.PHASES + (("skew",) if barrier is not None else ())
         if barrier is not None and hasattr(engine, "allreduce_gradients"):
@@ -112,26 +114,39 @@ class PhaseTimer:
     def _timed(self, fn, phase: str):
         def timed(*args, **kwargs):
             self._stack.append(phase)
-            t0 = time.perf_counter()
+            t0, f0 = time.perf_counter(), _minor_faults()
             try:
                 return fn(*args, **kwargs)
             finally:
-                dt = time.perf_counter() - t0
+                dt, df = time.perf_counter() - t0, _minor_faults() - f0
                 self._stack.pop()
                 self.acc[phase] = self.acc.get(phase, 0.0) + dt
+                self.faults[phase] = self.faults.get(phase, 0) + df
                 if self._stack:  # nested: not the enclosing phase's own time
-                    self.acc[self._stack[-1]] = self.acc.get(self._stack[-1], 0.0) - dt
+                    outer = self._stack[-1]
+                    self.acc[outer] = self.acc.get(outer, 0.0) - dt
+                    self.faults[outer] = self.faults.get(outer, 0) - df
         return timed
 
     def run(self, step_fn) -> tuple:
-        """(step_fn's result, step seconds, {phase: seconds}) of one call of ``step_fn``."""
-        self.acc, self._stack = {}, []
-        t0 = time.perf_counter()
+        """(step_fn's result, step seconds, {phase: seconds}, {phase: minor page faults}) of one call
+        of ``step_fn``. The faults (the process's, all threads) show a phase that touches fresh
+        memory: a page faulted in costs about a microsecond or more, so tens of thousands of them
+        are tens of milliseconds."""
+        self.acc, self.faults, self._stack = {}, {}, []
+        t0, f0 = time.perf_counter(), _minor_faults()
         result = step_fn()
-        total = time.perf_counter() - t0
+        total, total_faults = time.perf_counter() - t0, _minor_faults() - f0
         phases = {p: self.acc.get(p, 0.0) for p in self.phases}
         phases["other"] = total - sum(phases.values())
-        return result, total, phases
+        faults = {p: self.faults.get(p, 0) for p in self.phases}
+        faults["other"] = total_faults - sum(faults.values())
+        return result, total, phases, faults
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of pages the kernel must map)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _peak_worker(spec, send) -> None:
@@ -290,12 +305,14 @@ def main() -> None:
         if cmd["cmd"] == "quit":
             break
         if cmd["cmd"] == "run":
-            times, phases = [], []
+            times, phases, faults = [], [], []
             for _ in range(cmd["steps"]):
-                losses, total, parts = timer.run(trainer.train_step)
+                losses, total, parts, part_faults = timer.run(trainer.train_step)
                 times.append(total)
                 phases.append(parts)
-            send({"event": "ran", "step_s": times, "phase_s": phases, "lm_loss": losses.get("lm_loss")})
+                faults.append(part_faults)
+            send({"event": "ran", "step_s": times, "phase_s": phases, "phase_faults": faults,
+                  "lm_loss": losses.get("lm_loss")})
         elif cmd["cmd"] == "profile":
             send(_profile(trainer, cmd["steps"]))
 

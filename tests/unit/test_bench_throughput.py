@@ -66,6 +66,8 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
         assert set(ph) == {"forward", "backward", "grad_reduce", "optimizer", "other", "skew"}  # --phase-barrier
         assert all(ph[k] > 0 for k in ("forward", "backward", "optimizer")) and ph["grad_reduce"] >= 0
         assert ph["other"] >= 0 and sum(ph.values()) <= 1e3 * st["max"] + 1e-6
+        pf = r["phase_minor_faults"]  # the same phases, counted: rusage only grows
+        assert set(pf) == set(ph) and all(v >= 0 for v in pf.values())
     # only SaMoE materialises experts from the pool, in forward and again in backward
     assert results["samoe"]["breakdown_ms"].get("materialize (fwd)", 0) > 0
     assert results["samoe"]["breakdown_ms"].get("materialize (bwd)", 0) > 0
@@ -206,11 +208,13 @@ def test_phase_timer_times_are_exclusive(monkeypatch):
     sys.path.insert(0, str(REPO / "bench"))
     import throughput_worker
 
-    clock = [0.0]
+    clock, faults = [0.0], [0]
     monkeypatch.setattr(throughput_worker.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(throughput_worker, "_minor_faults", lambda: faults[0])
 
-    def work(seconds):
+    def work(seconds):  # one fake page fault per 1/16 s of work
         clock[0] += seconds
+        faults[0] += int(seconds * 16)
 
     class Engine:
         def __init__(self, reduce_in_step):
@@ -242,14 +246,16 @@ def test_phase_timer_times_are_exclusive(monkeypatch):
             engine.backward()
             engine.step()
 
-        _, total, phases = timer.run(train_step)
+        _, total, phases, counts = timer.run(train_step)
         assert total == 3.875
         assert phases == {"forward": 1.0, "backward": 2.0, "grad_reduce": 0.25, "optimizer": 0.5, "other": 0.125}
+        assert counts == {k: int(v * 16) for k, v in phases.items()}
 
         # --phase-barrier: the wait before the reduction is its own phase, not the reduction's
         engine = Engine(reduce_in_step)
         timer = throughput_worker.PhaseTimer(engine, barrier=lambda: work(0.0625))
-        _, total, phases = timer.run(train_step)
+        _, total, phases, counts = timer.run(train_step)
         assert total == 3.9375
+        assert counts == {k: int(v * 16) for k, v in phases.items()}
         assert phases == {"forward": 1.0, "backward": 2.0, "grad_reduce": 0.25, "skew": 0.0625, "optimizer": 0.5,
                           "other": 0.125}
