@@ -25,10 +25,21 @@ the breakages it fixes:
 9. Attention without an explicit mask builds its default causal mask with ``device="cuda"``
    hard-coded (``megatron.core.transformer.utils.get_default_causal_mask``): on CPU it is built on
    the CPU.
+10. torch runs the exact GELU of a contiguous fp32/bf16 CPU tensor, and its gradient, through
+   oneDNN, which builds and caches a primitive for every new shape (up to 1024). An expert's
+   activation has a new row count on almost every call (dropless routing; at EP > 1 also the
+   number of tokens received): the measured cache entry is about 4.5 MB in fp32 and 1.5 MB in bf16,
+   so a process grows by tens of MB a step up to gigabytes, and every page of that fresh memory is
+   faulted in, which slowed EP = 2 steps by 100-200 ms on the development VMs (docs/RESULTS.md
+   section 2). :func:`without_onednn` runs such an op on torch's own kernel instead (no cache; slower per
+   element at a fixed shape, 2.2 against 1.2 ms for 4 M fp32 elements). SaMoE's expert FFN uses it
+   for its activation, forward and backward; :func:`patch_expert_activations` gives megatron's
+   per-expert MLPs the same (:func:`expert_gelu`). A no-op for tensors not on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -201,3 +212,61 @@ def _patch_default_causal_mask() -> None:
 
     utils.get_default_causal_mask = _cpu_default_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_default_causal_mask  # bound by name at import
+
+
+# 10 ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def without_onednn(t: torch.Tensor):
+    """Run the ops inside on torch's native CPU kernels, not oneDNN's per-shape cached primitives,
+    when ``t`` is a CPU tensor (item 10 above; the switch is torch's global ``mkldnn`` flag, put
+    back on exit). Nothing changes for tensors on other devices."""
+    if t.device.type != "cpu" or not torch._C._get_mkldnn_enabled():
+        yield
+        return
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(True)
+
+
+class _ExpertGelu(torch.autograd.Function):
+    """Exact GELU whose forward and backward run :func:`without_onednn` (CPU)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        with without_onednn(x):
+            return torch.ops.aten.gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with without_onednn(x):
+            return torch.ops.aten.gelu_backward(grad, x)
+
+
+def expert_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``torch.nn.functional.gelu`` for inputs whose shape changes from call to call (experts):
+    the same function, computed without oneDNN's per-shape cache on the CPU (item 10)."""
+    if x.device.type != "cpu":
+        return torch.nn.functional.gelu(x)
+    return _ExpertGelu.apply(x)
+
+
+def patch_expert_activations(module: torch.nn.Module) -> int:
+    """Give megatron's per-expert MLPs (``SequentialMLP.local_experts``) :func:`expert_gelu` in
+    place of ``torch.nn.functional.gelu`` (item 10). Only the plain, unfused activation is
+    replaced (the one those MLPs call as ``self.activation_func``); returns how many were."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    n = 0
+    for sub in module.modules():
+        if not isinstance(sub, SequentialMLP):
+            continue
+        for expert in sub.local_experts:
+            if (getattr(expert, "activation_func", None) is torch.nn.functional.gelu
+                    and not expert.config.gated_linear_unit and not expert.config.bias_activation_fusion):
+                expert.activation_func = expert_gelu
+                n += 1
+    return n

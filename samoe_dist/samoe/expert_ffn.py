@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from samoe_dist.cpu_compat import expert_gelu, without_onednn
 from samoe_dist.samoe.grouped_gemm import GroupLayout, grouped_matmul, grouped_weight_grad
 from samoe_dist.samoe.pool import (PoolGradSink, PoolShard, gather_columns, gather_columns_many,
                                    reduce_scatter_columns_many)
@@ -123,8 +124,12 @@ def _map_weight_grad(dW_n: torch.Tensor, A_nP: Optional[torch.Tensor], w_pool: t
 
 
 def _activation(activation: Callable, z1_TF: torch.Tensor) -> torch.Tensor:
-    """act(z1) as a fresh tensor the caller may modify in place (z1 is saved for backward)."""
-    act_TF = activation(z1_TF)
+    """act(z1) as a fresh tensor the caller may modify in place (z1 is saved for backward).
+    The row count changes from call to call: on the CPU the activation and its derivative run
+    without oneDNN, which would cache a kernel and its memory per shape
+    (samoe_dist.cpu_compat, item 10)."""
+    with without_onednn(z1_TF):
+        act_TF = activation(z1_TF)
     if act_TF.data_ptr() == z1_TF.data_ptr():
         act_TF = act_TF.clone()
     return act_TF
@@ -134,6 +139,7 @@ def _activation(activation: Callable, z1_TF: torch.Tensor) -> torch.Tensor:
 # no activation output and no second [T, F] buffer, for megatron's gelu and SwiGLU's silu.
 _INPLACE_ACTIVATION_BACKWARD = {
     torch.nn.functional.gelu: lambda g, z: torch.ops.aten.gelu_backward.grad_input(g, z, grad_input=g),
+    expert_gelu: lambda g, z: torch.ops.aten.gelu_backward.grad_input(g, z, grad_input=g),
     torch.nn.functional.silu: lambda g, z: torch.ops.aten.silu_backward.grad_input(g, z, grad_input=g),
 }
 
@@ -142,9 +148,10 @@ def _activation_backward(activation: Callable, z1_TF: torch.Tensor, grad_TF: tor
     """d act / d z1 applied to grad_TF (which it may overwrite); other activations go through
     autograd on a recomputation."""
     inplace = _INPLACE_ACTIVATION_BACKWARD.get(activation)
-    if inplace is not None and grad_TF.dtype == z1_TF.dtype and grad_TF.is_contiguous():
-        return inplace(grad_TF, z1_TF)
-    with torch.enable_grad():
+    with without_onednn(z1_TF):
+        if inplace is not None and grad_TF.dtype == z1_TF.dtype and grad_TF.is_contiguous():
+            return inplace(grad_TF, z1_TF)
+    with without_onednn(z1_TF), torch.enable_grad():
         z1_leaf = z1_TF.detach().requires_grad_(True)
         (dz1_TF,) = torch.autograd.grad(activation(z1_leaf), z1_leaf, grad_TF)
     return dz1_TF

@@ -158,3 +158,96 @@ def test_apply_is_a_noop_when_cuda_is_present():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "NOOP-OK" in out.stdout, out.stderr[-2000:]
+
+
+# 10 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_gelu_is_torch_gelu_on_its_native_kernel(dtype):
+    """expert_gelu computes F.gelu and its gradient with torch's own CPU kernel (oneDNN switched
+    off): bitwise the values of that kernel, forward and backward, for shapes that change per call;
+    the global oneDNN switch is back on afterwards, also when the op inside raises."""
+    gen = torch.Generator().manual_seed(0)
+    for rows in (3, 517, 1030):
+        x = (3 * torch.randn(rows, 64, generator=gen)).to(dtype).requires_grad_()
+        g = torch.randn(rows, 64, generator=gen).to(dtype)
+        y = cpu_compat.expert_gelu(x)
+        (dx,) = torch.autograd.grad(y, x, g)
+        assert torch._C._get_mkldnn_enabled()
+        with torch.backends.mkldnn.flags(enabled=False):
+            x_ref = x.detach().clone().requires_grad_()
+            y_ref = torch.nn.functional.gelu(x_ref)
+            (dx_ref,) = torch.autograd.grad(y_ref, x_ref, g)
+        assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    with pytest.raises(RuntimeError, match="boom"):
+        with cpu_compat.without_onednn(x):
+            raise RuntimeError("boom")
+    assert torch._C._get_mkldnn_enabled()
+
+
+def test_expert_activations_create_no_onednn_primitives():
+    """oneDNN (ONEDNN_VERBOSE=1 prints one line per primitive run) runs F.gelu of a CPU tensor
+    (the control: so this check can fail), but neither expert_gelu nor SaMoE's expert FFN, forward
+    and backward, on row counts that change per call: nothing enters its per-shape cache."""
+    code = textwrap.dedent("""
+        import torch, torch.nn.functional as F
+        from samoe_dist import cpu_compat
+        from samoe_dist.samoe.expert_ffn import materialized_expert_ffn
+        torch.manual_seed(0)
+        for rows in (300, 301):
+            x = torch.randn(rows, 64, requires_grad=True)
+            F.gelu(x).sum().backward()
+        print("CONTROL-END", flush=True)
+        for rows in (302, 303):
+            x = torch.randn(rows, 64, requires_grad=True)
+            cpu_compat.expert_gelu(x).sum().backward()
+        H, F_, P, n = 32, 64, 4, 2
+        w1 = torch.randn(P, H, F_, requires_grad=True)
+        w2 = torch.randn(P, F_, H, requires_grad=True)
+        A = torch.softmax(torch.randn(n, P), -1).requires_grad_()
+        for counts in ((100, 205), (131, 77)):
+            x = torch.randn(sum(counts), H, requires_grad=True)
+            probs = torch.rand(sum(counts), requires_grad=True)
+            materialized_expert_ffn(x, probs, counts, A, w1, w2, None, F.gelu).square().sum().backward()
+        print("PATCHED-END", flush=True)
+    """)
+    import os
+
+    env = dict(os.environ, ONEDNN_VERBOSE="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert "PATCHED-END" in out.stdout, out.stderr[-2000:]
+    control, patched = out.stdout.split("CONTROL-END")
+
+    def gelu_runs(text):
+        return [ln for ln in text.splitlines() if "primitive,exec" in ln and "eltwise_gelu" in ln]
+
+    assert len(gelu_runs(control)) >= 2, control[-2000:]  # forward of each shape (and its backward)
+    assert gelu_runs(patched) == [], patched[-2000:]
+
+
+def test_megatron_expert_mlps_get_expert_gelu(seeded):
+    """A standard MoE built by the project: every local expert MLP of megatron's SequentialMLP
+    calls expert_gelu; the dense MLPs keep F.gelu (fixed shapes: oneDNN's cache serves them)."""
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from samoe_dist.arguments import parse_args
+    from samoe_dist.model import build_model
+    from samoe_dist.config import validate_layout
+    from samoe_dist.parallel import init_distributed
+
+    cfg, _ = parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                         "--seq-length", "16", "--vocab-size", "64", "--num-experts", "4", "--moe-layer-freq", "2"])
+    validate_layout(cfg, 1)
+    model = build_model(cfg, init_distributed(1))
+    experts = [e for m in model.modules() if isinstance(m, SequentialMLP) for e in m.local_experts]
+    dense = [m for m in model.modules() if isinstance(m, MLP) and all(m is not e for e in experts)]
+    assert len(experts) == 4 and len(dense) == 1
+    assert all(e.activation_func is cpu_compat.expert_gelu for e in experts)
+    assert all(m.activation_func is torch.nn.functional.gelu for m in dense)
+    x = torch.randn(5, 32, requires_grad=True)
+    ref = x.detach().clone().requires_grad_()
+    y = experts[0](x)[0]
+    experts[0].activation_func = torch.nn.functional.gelu  # the same MLP with megatron's own function
+    with torch.backends.mkldnn.flags(enabled=False):  # ... on the same kernel
+        y_ref = experts[0](ref)[0]
+    assert torch.equal(y, y_ref)
