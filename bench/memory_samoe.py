@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -74,12 +73,10 @@ def worker(args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from samoe_dist import cpu_compat
+    from samoe_dist import cpu_compat, ports
 
     cpu_compat.apply()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = ports.free_port()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -126,9 +125,9 @@ def common_flags(a) -> list[str]:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from samoe_dist import ports
+
+    return ports.free_port()
 
 
 def run_one(a, run: dict, seed: int, extra_argv: tuple = ()) -> dict:

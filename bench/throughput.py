@@ -90,7 +90,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import statistics
 import subprocess
 import sys
@@ -101,6 +100,9 @@ import time
 from throughput_report import load_run, markdown
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from samoe_dist import ports  # noqa: E402  (the repository on the path first)
+
 WORKER = os.path.join(REPO, "bench", "throughput_worker.py")
 SYSTEMS = ("dense", "moe", "gmoe", "dsmoe", "samoe", "samoe-sharded", "samoe-once", "samoe-sharded-once",
            "gmoe-cf", "samoe-cf", "samoe-sharded-cf",
@@ -199,19 +201,10 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-_PORTS_GIVEN: set = set()
-
-
 def _free_port() -> int:
-    """A port free now and not handed out before by this process: the worlds of one bench start
-    side by side, and a port given to one is not bound until its rank 0 starts its store."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
+    """A rendezvous port for one world (samoe_dist.ports: below the ephemeral range, so the gloo
+    connections of the worlds starting beside it cannot take it, and never handed out twice)."""
+    return ports.free_port()
 
 
 def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import tempfile
 
 import pytest
 import torch
 
-from samoe_dist import cpu_compat
+from samoe_dist import cpu_compat, ports
 
 cpu_compat.apply()
 
@@ -24,9 +23,8 @@ atexit.register(shutil.rmtree, HF_MODULES_CACHE, ignore_errors=True)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A rendezvous port outside the ephemeral range (samoe_dist.ports)."""
+    return ports.free_port()
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,11 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from samoe_dist import ports
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -80,9 +81,8 @@ def bf16_mean(roundings: int, count: int, computations: int = 2, sigmas: float =
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A rendezvous port outside the ephemeral range (samoe_dist.ports)."""
+    return ports.free_port()
 
 
 def run_launcher(nprocs: int, args: list[str], timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -191,9 +190,9 @@ def run_train(device, out_dir: str, data: str, tokenizer: str) -> dict:
               "--hidden-dropout", "0.1", "--log-interval", "1"]
     if device.type == "cuda":
         common.append("--bf16")
-    with socket.socket() as sock:  # the launcher's own rendezvous port, not its default 29500
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from samoe_dist import ports
+
+    port = ports.free_port()  # the launcher's own rendezvous port, not its default 29500
     launcher = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "1",
                 "--master_port", str(port), os.path.join(REPO, "pretrain_samoe.py")]
 
@@ -229,9 +228,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a free port, not a guessed one: other jobs may hold 29500 and up
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        from samoe_dist import ports
+
+        os.environ["MASTER_PORT"] = str(ports.free_port())
     import torch
 
     from samoe_dist import cpu_compat

@@ -126,3 +126,25 @@ def test_tensorboard_gets_losses_loads_and_entropies(tmp_path):
     assert acc.Scalars("train/expert_load/layer0/expert1")[0].value == 0.75
     assert acc.Scalars("train/expert_load/layer0/expert1")[0].step == 5
     assert not any("per_rank" in t for t in tags)
+
+
+def test_free_port_lies_below_the_ephemeral_range(tmp_path):
+    """samoe_dist.ports.free_port: a bindable port outside the range outgoing connections take
+    their local ports from, never the same twice in a process; the range is read from the kernel."""
+    import socket
+
+    from samoe_dist import ports
+
+    lo, hi = ports.ephemeral_range()
+    assert 1024 < lo <= hi
+    given = [ports.free_port() for _ in range(20)]
+    assert len(set(given)) == 20
+    if lo - 10000 >= 1000:
+        assert all(10000 <= p < lo for p in given)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", given[-1]))  # free when handed out
+    fake = tmp_path / "range"
+    fake.write_text("20000\t60999\n")
+    assert ports.ephemeral_range(str(fake)) == (20000, 60999)
+    fake.write_text("garbage")
+    assert ports.ephemeral_range(str(fake)) == (32768, 60999)
