@@ -65,7 +65,8 @@ The timed steps themselves also carry their phases by wall clock, without the pr
 the steps of each phase's mean over ranks), and each ``policy_ratio`` gives SaMoE's phase times
 minus the peer's (``phase_ms_delta``): where a ratio's difference lies, at no profiler cost.
 ``phase_minor_faults`` gives each phase's minor page faults the same way (median over steps, mean
-over ranks): a phase whose memory is fresh each step pays for it there.
+over ranks): a phase whose memory is fresh each step pays for it there. ``memory`` also carries the
+largest rank's RSS after the warm-up and after the last timed round, and its growth per timed step.
 
 Output: JSON lines on stdout (and ``--output``): ``config``; per (EP, dtype) ``peak``, one
 ``result`` per system, ``ratio`` records (every system over moe; ``headline`` marks samoe/moe);
@@ -361,6 +362,7 @@ def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_d
         per_round: dict[str, list[list[float]]] = {n: [] for n in names}
         per_phase: dict[str, list[dict]] = {n: [] for n in names}  # every timed step's phases
         per_faults: dict[str, list[dict]] = {n: [] for n in names}  # and their minor page faults
+        per_rss: dict[str, list[int]] = {n: [] for n in names}  # the largest rank's RSS after each round
         for r in range(a.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
@@ -374,6 +376,7 @@ def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_d
                                     for ps in zip(*(rep["phase_s"] for rep in replies))]
                 per_faults[name] += [{k: statistics.fmean(p[k] for p in ps) for k in ps[0]}
                                      for ps in zip(*(rep["phase_faults"] for rep in replies))]
+                per_rss[name].append(max(rep["rss_bytes"] for rep in replies))
             log.info("EP=%d x EDP=%d %s: round %d/%d done", ep, edp, dtype, r + 1, a.rounds)
         profiles = {}
         if a.profile:
@@ -383,7 +386,8 @@ def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_d
     finally:
         for w in worlds.values():
             w.close()
-    return summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit, per_phase, per_faults)
+    return summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit, per_phase, per_faults,
+                           per_rss)
 
 
 def _paired(per_round, base: str, other: str) -> dict:
@@ -397,8 +401,18 @@ def _phase_ms(steps: list[dict], scale: float = 1e3) -> dict:
     return {k: scale * statistics.median(s[k] for s in steps) for k in steps[0]} if steps else {}
 
 
+def _rss_growth(rss_ready: int, rss: list[int], steps_per_round: int) -> dict:
+    """The largest rank's RSS after the warm-up and after the last timed round, and its growth per
+    timed step in between (a process that keeps taking fresh memory, e.g. a cache growing by
+    shape, shows here)."""
+    if not rss:
+        return {}
+    return {"rss_ready_bytes": rss_ready, "rss_last_round_bytes": rss[-1],
+            "rss_growth_bytes_per_step": (rss[-1] - rss_ready) / (len(rss) * steps_per_round)}
+
+
 def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit, per_phase=None,
-                    per_faults=None) -> dict:
+                    per_faults=None, per_rss=None) -> dict:
     layout = f"{ep}x{edp}"
     peak_gflops = spread([x for rnd in per_round["peak"] for x in rnd])
     emit({"type": "peak", "ep": ep, "edp": edp, "layout": layout, "dtype": dtype, "matmul_size": a.matmul_size,
@@ -422,7 +436,9 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit,
                "phase_ms": _phase_ms((per_phase or {}).get(name, [])),
                "phase_minor_faults": _phase_ms((per_faults or {}).get(name, []), scale=1),
                "params": ready[name][0].get("param_counts"), "losses_last_warmup": ready[name][0].get("losses"),
-               "memory": {"rss_import_bytes": max(r["rss_import_bytes"] for r in ready[name])}}
+               "memory": {"rss_import_bytes": max(r["rss_import_bytes"] for r in ready[name]),
+                          **_rss_growth(max(r["rss_bytes"] for r in ready[name]), (per_rss or {}).get(name, []),
+                                        a.steps_per_round)}}
         if w.system.startswith("samoe"):
             shards = edp if w.system.startswith("samoe-sharded") else 1
             rec["materialise_flops_fraction"] = (materialise_flops_per_step(a, ep, shards, w.system.endswith("-once"))

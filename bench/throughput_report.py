@@ -108,13 +108,17 @@ def markdown(config: dict, groups: list[dict]) -> str:
                 lines.append(f"| {_layout(r)} | {r['dtype']} | {name} | {1e3 * r['step_s']['median']:.0f} | " +
                              " | ".join(f"{r['phase_ms'].get(p, 0):.0f}" for p in phases) + " |")
     if any(r.get("phase_minor_faults") for g in groups for r in g["results"].values()):
-        lines += ["", "Minor page faults per step by phase (median over steps, mean over ranks; thousands):", "",
-                  "| layout | dtype | system | " + " | ".join(phases) + " |", "|---|---|---|" + "---|" * len(phases)]
+        lines += ["", "Minor page faults per step by phase (median over steps, mean over ranks; thousands), and the "
+                  "largest rank's RSS growth per step over the timed rounds:", "",
+                  "| layout | dtype | system | " + " | ".join(phases) + " | RSS growth MiB/step |",
+                  "|---|---|---|" + "---|" * (len(phases) + 1)]
         for g in groups:
             for name, r in g["results"].items():
                 if r.get("phase_minor_faults") and "/" not in name:
+                    growth = r.get("memory", {}).get("rss_growth_bytes_per_step")
                     lines.append(f"| {_layout(r)} | {r['dtype']} | {name} | " +
-                                 " | ".join(f"{r['phase_minor_faults'].get(p, 0) / 1e3:.1f}" for p in phases) + " |")
+                                 " | ".join(f"{r['phase_minor_faults'].get(p, 0) / 1e3:.1f}" for p in phases) +
+                                 (f" | {growth / 2 ** 20:.1f} |" if growth is not None else " | - |"))
     cats = list(CATEGORIES) + ["other"]
     lines += ["", "## Step breakdown (torch.profiler, % of one profiled step, rank 0; ranges in "
               "bench/step_breakdown.py)", "", "| layout | dtype | system | " + " | ".join(cats) + " |",

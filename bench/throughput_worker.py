@@ -312,7 +312,7 @@ def main() -> None:
                 phases.append(parts)
                 faults.append(part_faults)
             send({"event": "ran", "step_s": times, "phase_s": phases, "phase_faults": faults,
-                  "lm_loss": losses.get("lm_loss")})
+                  "rss_bytes": _rss_bytes(), "lm_loss": losses.get("lm_loss")})
         elif cmd["cmd"] == "profile":
             send(_profile(trainer, cmd["steps"]))
 

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -68,6 +70,9 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
         assert ph["other"] >= 0 and sum(ph.values()) <= 1e3 * st["max"] + 1e-6
         pf = r["phase_minor_faults"]  # the same phases, counted: rusage only grows
         assert set(pf) == set(ph) and all(v >= 0 for v in pf.values())
+        # RSS after the warm-up and after the last round, and the growth per timed step (1 round x 2 steps)
+        assert mem["rss_ready_bytes"] > mem["rss_import_bytes"] and mem["rss_last_round_bytes"] > 0
+        assert mem["rss_growth_bytes_per_step"] * 2 == pytest.approx(mem["rss_last_round_bytes"] - mem["rss_ready_bytes"])
     # only SaMoE materialises experts from the pool, in forward and again in backward
     assert results["samoe"]["breakdown_ms"].get("materialize (fwd)", 0) > 0
     assert results["samoe"]["breakdown_ms"].get("materialize (bwd)", 0) > 0
