@@ -35,6 +35,12 @@ the breakages it fixes:
    element at a fixed shape, 2.2 against 1.2 ms for 4 M fp32 elements). SaMoE's expert FFN uses it
    for its activation, forward and backward; :func:`patch_expert_activations` gives megatron's
    per-expert MLPs the same (:func:`expert_gelu`). A no-op for tensors not on the CPU.
+   In bf16/fp16 oneDNN also runs the matmuls, with one cached kernel per row count: SaMoE's grouped
+   GEMM pads each expert's rows to a multiple (``grouped_gemm.PAD_ROWS``), and
+   :func:`patch_expert_activations` pads the rows of each of megatron's expert MLPs the same way,
+   with zero rows as megatron does for fp8 (``SequentialMLP._pad_tensor_for_quantization``): a zero
+   row adds nothing to any weight gradient and is cut from the output. Without it the standard MoE
+   grew about 60 MiB a step in bf16 at EP = 2.
 """
 
 from __future__ import annotations
@@ -254,10 +260,33 @@ def expert_gelu(x: torch.Tensor) -> torch.Tensor:
     return _ExpertGelu.apply(x)
 
 
+def _rows_padded_forward(self, hidden_states, per_token_scale=None, **kwargs):
+    """The expert MLP's own ``forward`` with the rows of a CPU half-precision input padded by zero
+    rows to a multiple (``grouped_gemm.PAD_ROWS``) and the output cut back: one oneDNN kernel per
+    padded row count instead of one per row count. Bound to each patched expert (a method, so a
+    copied module calls its own forward)."""
+    from samoe_dist.samoe.grouped_gemm import PAD_ROWS
+
+    forward = type(self).forward
+    rows = hidden_states.shape[0]
+    multiple = PAD_ROWS.get(hidden_states.dtype) if hidden_states.device.type == "cpu" else None
+    pad = -rows % multiple if multiple else 0
+    if not pad:
+        return forward(self, hidden_states, per_token_scale, **kwargs)
+    hidden_states = torch.cat((hidden_states, hidden_states.new_zeros(pad, *hidden_states.shape[1:])))
+    if per_token_scale is not None:
+        per_token_scale = torch.cat((per_token_scale, per_token_scale.new_zeros(pad, *per_token_scale.shape[1:])))
+    output, output_bias = forward(self, hidden_states, per_token_scale, **kwargs)
+    return output[:rows], output_bias
+
+
 def patch_expert_activations(module: torch.nn.Module) -> int:
     """Give megatron's per-expert MLPs (``SequentialMLP.local_experts``) :func:`expert_gelu` in
-    place of ``torch.nn.functional.gelu`` (item 10). Only the plain, unfused activation is
-    replaced (the one those MLPs call as ``self.activation_func``); returns how many were."""
+    place of ``torch.nn.functional.gelu``, and pad their rows in half precision (item 10). Only the
+    plain, unfused activation is replaced (the one those MLPs call as ``self.activation_func``).
+    Returns how many expert MLPs were patched."""
+    import types
+
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     n = 0
@@ -268,5 +297,7 @@ def patch_expert_activations(module: torch.nn.Module) -> int:
             if (getattr(expert, "activation_func", None) is torch.nn.functional.gelu
                     and not expert.config.gated_linear_unit and not expert.config.bias_activation_fusion):
                 expert.activation_func = expert_gelu
-                n += 1
+            if getattr(expert.forward, "__func__", None) is not _rows_padded_forward:
+                expert.forward = types.MethodType(_rows_padded_forward, expert)
+            n += 1
     return n

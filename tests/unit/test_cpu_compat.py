@@ -249,5 +249,70 @@ def test_megatron_expert_mlps_get_expert_gelu(seeded):
     y = experts[0](x)[0]
     experts[0].activation_func = torch.nn.functional.gelu  # the same MLP with megatron's own function
     with torch.backends.mkldnn.flags(enabled=False):  # ... on the same kernel
-        y_ref = experts[0](ref)[0]
-    assert torch.equal(y, y_ref)
+        y_ref = MLP.forward(experts[0], ref)[0]
+    assert torch.equal(y, y_ref)  # fp32: no row padding
+
+
+def test_megatron_expert_mlps_pad_half_precision_rows(seeded, monkeypatch):
+    """In bf16 each of megatron's expert MLPs runs on its rows padded with zero rows to a multiple
+    of grouped_gemm.PAD_ROWS (one oneDNN kernel per padded row count): its own forward sees the
+    padded rows, the caller gets exactly that forward's rows back, the zero rows add nothing to any
+    weight gradient (bitwise: the same call on an explicitly padded input), and the result agrees
+    with the unpadded MLP within bf16 rounding."""
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from samoe_dist.arguments import parse_args
+    from samoe_dist.config import validate_layout
+    from samoe_dist.model import build_model
+    from samoe_dist.parallel import init_distributed
+    from samoe_dist.samoe.grouped_gemm import PAD_ROWS
+    from tests.helpers import bf16_worst_case
+
+    cfg, _ = parse_args(["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4",
+                         "--seq-length", "16", "--vocab-size", "64", "--num-experts", "2"])
+    validate_layout(cfg, 1)
+    model = build_model(cfg, init_distributed(1)).to(torch.bfloat16)
+    (moe,) = [m for m in model.modules() if isinstance(m, SequentialMLP)]
+    expert = moe.local_experts[0]
+    seen = []
+    original = MLP.forward
+
+    def spy(self, hidden, per_token_scale=None, **kw):
+        seen.append(hidden.shape[0])
+        return original(self, hidden, per_token_scale, **kw)
+
+    monkeypatch.setattr(MLP, "forward", spy)
+    multiple = PAD_ROWS[torch.bfloat16]
+    rows = multiple + 5
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 32, generator=gen).to(torch.bfloat16)
+    probs = torch.rand(rows, generator=gen).to(torch.bfloat16)
+    g = torch.randn(rows, 32, generator=gen).to(torch.bfloat16)
+    params = [expert.linear_fc1.weight, expert.linear_fc2.weight]
+
+    def run(fn, x_in, p_in):
+        x_in = x_in.detach().clone().requires_grad_()
+        y = fn(x_in, p_in)[0]
+        grads = torch.autograd.grad(y[:rows], [x_in, *params], g)
+        return y, grads
+
+    y, grads = run(expert, x, probs)
+    assert seen == [2 * multiple] and y.shape == (rows, 32)
+    pad = 2 * multiple - rows
+    x_pad = torch.cat((x, x.new_zeros(pad, 32)))
+    p_pad = torch.cat((probs, probs.new_zeros(pad)))
+    y_pad, grads_pad = run(lambda a, b: original(expert, a, b), x_pad, p_pad)
+    assert torch.equal(y, y_pad[:rows])
+    assert torch.equal(grads[0], grads_pad[0][:rows]) and all(torch.equal(a, b) for a, b in zip(grads[1:], grads_pad[1:]))
+    # against the unpadded MLP: 4 bf16 roundings per value (fc1, gelu, the prob scale, fc2), relative to
+    # the scale of fc2's terms, |act| @ |W2|, two computations compared
+    y_plain, _ = run(lambda a, b: original(expert, a, b), x, probs)
+    with torch.no_grad():
+        act = torch.nn.functional.gelu(x.double() @ expert.linear_fc1.weight.double().t()) * probs.double()[:, None]
+        scale = act.abs() @ expert.linear_fc2.weight.double().abs().t()
+    assert ((y.double() - y_plain.double()).abs() <= bf16_worst_case(4, computations=2) * scale + 1e-30).all()
+    # fp32 input: no padding
+    seen.clear()
+    expert.float()(torch.randn(rows, 32), torch.rand(rows))
+    assert seen == [rows]
