@@ -197,7 +197,7 @@ def _worker(rank: int, world: int, port: int, system: str, argv: list[str], step
 def run_world(a, system: str, out_dir: str) -> list[dict]:
     import torch.multiprocessing as mp
 
-    from throughput import _free_port
+    from samoe_dist import ports
 
     argv = ["--num-layers", a.num_layers, "--hidden-size", a.hidden_size, "--num-attention-heads", 4,
             "--ffn-hidden-size", a.ffn_hidden_size, "--num-experts", a.num_experts, "--moe-router-topk", a.topk,
@@ -213,7 +213,7 @@ def run_world(a, system: str, out_dir: str) -> list[dict]:
         argv.append("--samoe-materialize-once-per-step")
     argv = [str(x) for x in argv]
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = ports.free_port()
     procs = [ctx.Process(target=_worker, args=(r, a.world, port, system, argv, a.steps, out_dir))
              for r in range(a.world)]
     for p in procs:

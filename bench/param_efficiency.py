@@ -124,12 +124,6 @@ def common_flags(a) -> list[str]:
             "--data-path", a.data_path, "--tokenizer-model", a.tokenizer_model]
 
 
-def _free_port() -> int:
-    from samoe_dist import ports
-
-    return ports.free_port()
-
-
 def run_one(a, run: dict, seed: int, extra_argv: tuple = ()) -> dict:
     """Train one configuration with one seed; return its result record (``extra_argv``: more flags
     for this run that are not part of its configuration, e.g. where to save)."""
@@ -142,8 +136,10 @@ def run_one(a, run: dict, seed: int, extra_argv: tuple = ()) -> dict:
     argv = [sys.executable, str(REPO / "pretrain_samoe.py"), *common_flags(a), *run["flags"],
             "--seed", str(seed), "--metrics-file", str(metrics), "--data-cache-path", str(out / "index_cache"),
             *extra_argv]
+    from samoe_dist import ports
+
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               MASTER_PORT=str(ports.free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                MALLOC_MMAP_THRESHOLD_="4294967296", MALLOC_TRIM_THRESHOLD_="4294967296")
     start = time.time()
     with open(out / "log.txt", "w") as log:

@@ -117,11 +117,11 @@ def _allreduce_worker(rank: int, world: int, port: int, numel: int, dtype: str, 
 def time_allreduce(a, numel: int) -> float:
     import torch.multiprocessing as mp
 
-    from throughput import _free_port
+    from samoe_dist import ports
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = ports.free_port()
     procs = [ctx.Process(target=_allreduce_worker, args=(r, a.ep, port, numel, a.dtype, a.reps, queue))
              for r in range(a.ep)]
     for p in procs:

@@ -202,12 +202,6 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _free_port() -> int:
-    """A rendezvous port for one world (samoe_dist.ports: below the ephemeral range, so the gloo
-    connections of the worlds starting beside it cannot take it, and never handed out twice)."""
-    return ports.free_port()
-
-
 def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
     """The project's own flags for this system (pretrain_samoe.py's command line)."""
     tp2 = system.endswith(TP2)
@@ -252,7 +246,7 @@ class World:
                    OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         if malloc_env:
             env.update(MALLOC_ENV)
-        port = _free_port()
+        port = ports.free_port()  # below the ephemeral range: the worlds starting beside it cannot take it
         self.procs, self.logs, self.queues = [], [], []
         for rank in range(self.size):
             spec = dict(system=system, rank=rank, world=self.size, port=port, threads=threads, dtype=dtype,
@@ -395,9 +389,9 @@ def _paired(per_round, base: str, other: str) -> dict:
     return spread([statistics.median(b) / statistics.median(o) for b, o in zip(per_round[base], per_round[other])])
 
 
-def _phase_ms(steps: list[dict], scale: float = 1e3) -> dict:
-    """Median milliseconds (``scale`` 1e3; 1 for counts) of each phase over the timed steps (each
-    step's phases: mean over ranks)."""
+def _phase_medians(steps: list[dict], scale: float = 1.0) -> dict:
+    """Median of each phase over the timed steps (each step's phases: mean over ranks), times
+    ``scale`` (1e3: seconds to milliseconds)."""
     return {k: scale * statistics.median(s[k] for s in steps) for k in steps[0]} if steps else {}
 
 
@@ -433,8 +427,8 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit,
                "flops_per_token": fpt,
                "mfu": {k: fpt * tokens / st[k2] / (peak_gflops["median"] * 1e9)
                        for k, k2 in (("median", "median"), ("min", "max"), ("max", "min"))},
-               "phase_ms": _phase_ms((per_phase or {}).get(name, [])),
-               "phase_minor_faults": _phase_ms((per_faults or {}).get(name, []), scale=1),
+               "phase_ms": _phase_medians((per_phase or {}).get(name, []), scale=1e3),
+               "phase_minor_faults": _phase_medians((per_faults or {}).get(name, [])),
                "params": ready[name][0].get("param_counts"), "losses_last_warmup": ready[name][0].get("losses"),
                "memory": {"rss_import_bytes": max(r["rss_import_bytes"] for r in ready[name]),
                           **_rss_growth(max(r["rss_bytes"] for r in ready[name]), (per_rss or {}).get(name, []),

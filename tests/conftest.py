@@ -22,11 +22,6 @@ HF_MODULES_CACHE = os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="sam
 atexit.register(shutil.rmtree, HF_MODULES_CACHE, ignore_errors=True)
 
 
-def free_port() -> int:
-    """A rendezvous port outside the ephemeral range (samoe_dist.ports)."""
-    return ports.free_port()
-
-
 @pytest.fixture(scope="session")
 def single_process_world():
     """torch.distributed (gloo, world size 1) and megatron-core parallel_state with EP=1.
@@ -39,7 +34,7 @@ def single_process_world():
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
+        os.environ["MASTER_PORT"] = str(ports.free_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=1, create_gloo_process_groups=False)

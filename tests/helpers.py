@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from samoe_dist import ports
+from samoe_dist.ports import free_port  # noqa: F401  (the tests take it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -78,11 +78,6 @@ def bf16_mean(roundings: int, count: int, computations: int = 2, sigmas: float =
     whose rounding errors are independent (a loss averaged over tokens, each token's activations
     rounded on their own): ``sigmas`` standard deviations of the per-value rms over sqrt(count)."""
     return sigmas * BF16_U * math.sqrt(computations * roundings / 3.0) / math.sqrt(count)
-
-
-def free_port() -> int:
-    """A rendezvous port outside the ephemeral range (samoe_dist.ports)."""
-    return ports.free_port()
 
 
 def run_launcher(nprocs: int, args: list[str], timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:

@@ -137,9 +137,13 @@ def _activation(activation: Callable, z1_TF: torch.Tensor) -> torch.Tensor:
 
 # Derivatives written into the incoming gradient's buffer (elementwise, so aliasing is safe):
 # no activation output and no second [T, F] buffer, for megatron's gelu and SwiGLU's silu.
+def _gelu_backward_inplace(g, z):
+    return torch.ops.aten.gelu_backward.grad_input(g, z, grad_input=g)
+
+
 _INPLACE_ACTIVATION_BACKWARD = {
-    torch.nn.functional.gelu: lambda g, z: torch.ops.aten.gelu_backward.grad_input(g, z, grad_input=g),
-    expert_gelu: lambda g, z: torch.ops.aten.gelu_backward.grad_input(g, z, grad_input=g),
+    torch.nn.functional.gelu: _gelu_backward_inplace,
+    expert_gelu: _gelu_backward_inplace,
     torch.nn.functional.silu: lambda g, z: torch.ops.aten.silu_backward.grad_input(g, z, grad_input=g),
 }
 
@@ -151,9 +155,9 @@ def _activation_backward(activation: Callable, z1_TF: torch.Tensor, grad_TF: tor
     with without_onednn(z1_TF):
         if inplace is not None and grad_TF.dtype == z1_TF.dtype and grad_TF.is_contiguous():
             return inplace(grad_TF, z1_TF)
-    with without_onednn(z1_TF), torch.enable_grad():
-        z1_leaf = z1_TF.detach().requires_grad_(True)
-        (dz1_TF,) = torch.autograd.grad(activation(z1_leaf), z1_leaf, grad_TF)
+        with torch.enable_grad():
+            z1_leaf = z1_TF.detach().requires_grad_(True)
+            (dz1_TF,) = torch.autograd.grad(activation(z1_leaf), z1_leaf, grad_TF)
     return dz1_TF
 
 

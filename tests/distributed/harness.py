@@ -155,7 +155,6 @@ def _fn_worker(rank: int, world: int, port: int, ep: int, fn, args, out_dir: str
         result["error"] = traceback.format_exc()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     _leave_together()
-    _leave_together()
 
 
 def run_fn(world: int, ep: int, fn, args: tuple, out_dir: Path, timeout: float = 300.0) -> list:
