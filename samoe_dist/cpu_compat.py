@@ -33,11 +33,11 @@ the breakages it fixes:
    faulted in, which slowed EP = 2 steps by 100-200 ms on the development VMs (docs/RESULTS.md
    section 2). :func:`without_onednn` runs such an op on torch's own kernel instead (no cache; slower per
    element at a fixed shape, 2.2 against 1.2 ms for 4 M fp32 elements). SaMoE's expert FFN uses it
-   for its activation, forward and backward; :func:`patch_expert_activations` gives megatron's
+   for its activation, forward and backward; :func:`patch_expert_mlps` gives megatron's
    per-expert MLPs the same (:func:`expert_gelu`). A no-op for tensors not on the CPU.
    In bf16/fp16 oneDNN also runs the matmuls, with one cached kernel per row count: SaMoE's grouped
    GEMM pads each expert's rows to a multiple (``grouped_gemm.PAD_ROWS``), and
-   :func:`patch_expert_activations` pads the rows of each of megatron's expert MLPs the same way,
+   :func:`patch_expert_mlps` pads the rows of each of megatron's expert MLPs the same way,
    with zero rows as megatron does for fp8 (``SequentialMLP._pad_tensor_for_quantization``): a zero
    row adds nothing to any weight gradient and is cut from the output. Without it the standard MoE
    grew about 60 MiB a step in bf16 at EP = 2.
@@ -280,7 +280,7 @@ def _rows_padded_forward(self, hidden_states, per_token_scale=None, **kwargs):
     return output[:rows], output_bias
 
 
-def patch_expert_activations(module: torch.nn.Module) -> int:
+def patch_expert_mlps(module: torch.nn.Module) -> int:
     """Give megatron's per-expert MLPs (``SequentialMLP.local_experts``) :func:`expert_gelu` in
     place of ``torch.nn.functional.gelu``, and pad their rows in half precision (item 10). Only the
     plain, unfused activation is replaced (the one those MLPs call as ``self.activation_func``).

@@ -263,7 +263,7 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
         pg_collection=groups.pg_collection,
     )
     if cpu_compat.on_cpu():  # megatron's per-expert MLPs: no oneDNN cache entry per row count
-        cpu_compat.patch_expert_activations(gpt)
+        cpu_compat.patch_expert_mlps(gpt)
     n_local = cfg.moe.num_experts // groups.ep_size if cfg.moe.enabled else 0
     has_experts = mark_expert_parameters(gpt, groups.ep_size, groups.ds_ep_group_name)  # before the draw
     if groups.tp_size > 1:
