@@ -71,6 +71,9 @@ class Trainer:
         self.data: TrainingData = build_training_data(cfg, self.groups)
         self.gas = gradient_accumulation_steps(cfg, self.dp)
         self.ds_config = build_ds_config(cfg, user_ds, self.dp)
+        slow_bf16 = cpu_compat.bf16_cpu_warning(cfg.training.bf16)
+        if slow_bf16 and self.groups.rank == 0:
+            logger.warning(slow_bf16)
         self.model = build_model(cfg, self.groups)
         self.param_counts = count_parameters(self.model, cfg)
         logger.info("model: %s | %s", cfg.kind, format_counts(self.param_counts))

@@ -316,3 +316,32 @@ def test_megatron_expert_mlps_pad_half_precision_rows(seeded, monkeypatch):
     seen.clear()
     expert.float()(torch.randn(rows, 32), torch.rand(rows))
     assert seen == [rows]
+
+
+# 11 ------------------------------------------------------------------------------------------
+def test_cpu_flags_reads_the_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 fma\nbugs\t\t: spectre\n"
+                    "processor\t: 1\nflags\t\t: fpu avx2 fma avx512_bf16\n")
+    assert cpu_compat.cpu_flags(str(info)) == frozenset({"fpu", "avx2", "fma"})  # the first CPU's line
+    (tmp_path / "empty").write_text("processor\t: 0\n")
+    assert cpu_compat.cpu_flags(str(tmp_path / "empty")) is None
+    assert cpu_compat.cpu_flags(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("flags, warned", [
+    (frozenset({"avx2", "fma"}), True),  # AVX2 only: generic bf16 kernels
+    (frozenset({"avx2", "avx512f", "avx512_bf16"}), False),
+    (frozenset({"avx2", "amx_bf16", "amx_tile"}), False),
+])
+def test_bf16_warning_on_a_cpu_without_bf16_instructions(flags, warned):
+    message = cpu_compat.bf16_cpu_warning(True, flags)
+    assert (message is not None) == warned
+    if warned:
+        assert "--bf16" in message and "fp32" in message and "avx512_bf16" in message
+    assert cpu_compat.bf16_cpu_warning(False, flags) is None  # fp32 runs are never warned
+
+
+def test_bf16_warning_is_silent_when_the_flags_cannot_be_read(monkeypatch):
+    monkeypatch.setattr(cpu_compat, "cpu_flags", lambda: None)
+    assert cpu_compat.bf16_cpu_warning(True) is None
