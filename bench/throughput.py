@@ -60,6 +60,8 @@ which ``peak_step_alloc_raw_bytes`` includes. ``resting_bytes`` is what is alive
 Time breakdown: after the timed rounds, ``--profile-steps`` more steps per system under
 torch.profiler, with ranges added around the model's parts from outside the package
 (``bench/step_breakdown.py`` lists them and how time is attributed); medians over those steps.
+``breakdown_ms`` is rank 0's, ``breakdown_ms_by_rank`` every rank's: a rank that waits longer in
+the all-to-all than the others is waiting for their work, which their own rows show.
 The timed steps themselves also carry their phases by wall clock, without the profiler
 (``phase_ms`` of a result: forward, backward, gradient reduction, optimizer, other; medians over
 the steps of each phase's mean over ranks), and each ``policy_ratio`` gives SaMoE's phase times
@@ -446,6 +448,7 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit,
             rec["memory"]["zero_reduce_bucket_elements"] = prof[0]["zero_reduce_bucket_elements"]
             rec["breakdown"] = prof[0]["breakdown"]
             rec["breakdown_ms"] = {k: round(v, 3) for k, v in prof[0]["breakdown_ms"].items()}
+            rec["breakdown_ms_by_rank"] = [{k: round(v, 3) for k, v in p["breakdown_ms"].items()} for p in prof]
             rec["breakdown_top_ops"] = prof[0]["top_ops"]
             rec["profiled_step_ms"] = prof[0]["profiled_step_ms"]
         emit(rec)
