@@ -127,6 +127,22 @@ def test_hf_generate_matches_plain_generate(seeded, tmp_path, tokenizer64, case)
     assert [_until_eod(row, width, eod) for row in got.tolist()] == want
 
 
+def test_hf_model_refuses_positions_beyond_its_learned_embeddings(seeded, tmp_path, tokenizer64):
+    """A context longer than max_position_embeddings (16) is one clear error with learned positions,
+    not an index error inside the embedding; up to 16 tokens, or 15 cached and 1 new, run."""
+    _, out = hf_folder(tmp_path, CASES["dense-swiglu-learned-rmsnorm-untied"], tokenizer64)
+    hf = load_hf(out)
+    x = tokens(1, 17)
+    with torch.no_grad():
+        assert hf(x[:, :16]).logits.shape == (1, 16, 64)
+        with pytest.raises(ValueError, match="17 positions .* exceed max_position_embeddings 16"):
+            hf(x)
+        cached = hf(x[:, :15], use_cache=True).past_key_values
+        assert hf(x[:, 15:16], past_key_values=cached, use_cache=True).logits.shape == (1, 1, 64)
+        with pytest.raises(ValueError, match=r"past 16 \+ new 1"):
+            hf(x[:, 16:17], past_key_values=hf(x[:, :16], use_cache=True).past_key_values, use_cache=True)
+
+
 def test_hf_tokenizer_encodes_as_the_training_tokenizer(tmp_path, tiny_corpus):
     """AutoTokenizer on the folder: the training tokenizer's ids and end-of-document token, byte
     fallback included, with and without trust_remote_code (the tokenizer itself has no code)."""

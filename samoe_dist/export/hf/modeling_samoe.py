@@ -254,6 +254,10 @@ class SamoeModel(SamoePreTrainedModel):
         B, S, _ = x_BSH.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
+            if self.config.position_embedding_type == "learned_absolute" and past + S > self.config.max_position_embeddings:
+                raise ValueError(f"{past + S} positions (past {past} + new {S}) exceed max_position_embeddings "
+                                 f"{self.config.max_position_embeddings} of this model's learned position embeddings: "
+                                 f"give at most the last {self.config.max_position_embeddings} tokens")
             position_ids = (torch.arange(S, device=x_BSH.device) + past).expand(B, S)
         freqs_BSR = None
         if self.config.position_embedding_type == "learned_absolute":
