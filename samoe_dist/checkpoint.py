@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import signal
+import types
 from typing import Optional
 
 import torch
@@ -235,7 +236,10 @@ def expected_files(trainer, load_dir: str, tag_dir: str, world: int) -> list[str
         from deepspeed.utils import groups as ds_groups
 
         ep = ds_groups._get_expert_parallel_world_size(ds_groups._get_max_expert_size_name())
-        files += [os.path.join(tag_dir, f"expp_rank_{e}_mp_rank_{mp:02d}_optim_states.pt")
+        # the engine's own naming method, which reads the TP rank from the engine: called for every
+        # TP rank with a stand-in holding just that attribute
+        name = type(engine)._get_optimizer_ckpt_name
+        files += [name(types.SimpleNamespace(checkpoint_mp_rank=mp), load_dir, tag, e)
                   for mp, e in _tp_ep_pairs(world, tp, ep)]
     if _per_rank_optimizer_state(trainer):
         files += [os.path.join(tag_dir, f"optim_rank{r}.pt") for r in range(world)]

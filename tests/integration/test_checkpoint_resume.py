@@ -42,6 +42,9 @@ def test_resume_continues_the_same_run_bitwise(tmp_path, tiny_corpus, kind):
     ckpt = tmp_path / "ckpt"
     _, first = run("first", "--save", str(ckpt), "--save-interval", "4", "--exit-interval", "4")
     assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    if zero == 0:  # DeepSpeed's per-EP-rank optimizer files, which the resume's completeness check names
+        assert sorted(p.name for p in (ckpt / "iter_0000004").glob("expp_rank_*")) == [
+            "expp_rank_0_mp_rank_00_optim_states.pt", "expp_rank_1_mp_rank_00_optim_states.pt"]
     out, second = run("second", "--load", str(ckpt))
     assert "at iteration 4 (32 samples consumed)" in out.stdout + out.stderr
 
