@@ -15,6 +15,7 @@ from samoe_dist.ports import free_port  # noqa: F401  (the tests take it from he
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 _SUBJECTS = ["the king", "a fool", "my lord", "the queen", "this night", "our army", "the moon", "thy heart"]
 _VERBS = ["doth love", "shall see", "hath slain", "will call", "must fear", "did praise", "can hear"]
@@ -80,14 +81,27 @@ def bf16_mean(roundings: int, count: int, computations: int = 2, sigmas: float =
     return sigmas * BF16_U * math.sqrt(computations * roundings / 3.0) / math.sqrt(count)
 
 
-def run_launcher(nprocs: int, args: list[str], timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N pretrain_samoe.py ARGS` on CPU, as a user runs it (``extra_env``: more
-    environment for every rank)."""
+def run_launcher(nprocs: int, args: list[str], timeout: int = 600, launcher: str = "torchrun",
+                 **extra_env: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N pretrain_samoe.py ARGS` on CPU, or with ``launcher='deepspeed'``
+    `deepspeed --num_gpus N pretrain_samoe.py ARGS`, as a user runs it (``extra_env``: more
+    environment for every rank).
+
+    Both set the same environment for the ranks. DeepSpeed's runner imports DeepSpeed twice before
+    a rank starts (its runner, then its per-node launch.py: ~7 s a launch on a 2-core CPU), so the
+    tests of the launcher's own behaviour (the command line, one-line errors; torchrun wraps a
+    failed rank in its ChildFailedError traceback) use it and the rest use torchrun."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra_env)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port()),
-           str(REPO / "pretrain_samoe.py"), *args]
+    if launcher == "deepspeed":
+        head = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port())]
+    elif launcher == "torchrun":
+        head = [TORCHRUN, "--nproc_per_node", str(nprocs), "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    else:
+        raise ValueError(f"launcher must be 'torchrun' or 'deepspeed', got {launcher!r}")
+    cmd = [*head, str(REPO / "pretrain_samoe.py"), *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 

@@ -3,11 +3,15 @@ command line with 2 processes; bad input stops with one line."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 
-from tests.helpers import read_metrics, run_launcher, tiny_model_args
+from tests import helpers
+from tests.helpers import read_metrics, tiny_model_args
+
+run_launcher = functools.partial(helpers.run_launcher, launcher="deepspeed")  # the command a user types
 
 KINDS = {
     "dense": [],
