@@ -90,12 +90,12 @@ _CONTEXT = None
 
 
 def _context():
-    """A fork-server context whose server has imported the heavy modules once (tests/distributed/
+    """A fork-server context whose server has imported the heavy modules once (samoe_dist/
     preload.py): each rank is a fresh fork of it, not an interpreter importing them again."""
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["tests.distributed.preload"])
+        _CONTEXT.set_forkserver_preload(["samoe_dist.preload"])
     return _CONTEXT
 
 
