@@ -163,7 +163,8 @@ def test_load_checks_the_model_config(tmp_path, tiny_corpus, saved_ep1, change, 
 
 def test_load_refuses_another_layout_naming_the_converter(tmp_path, tiny_corpus, saved_ep2):
     ckpt = _copy(saved_ep2, tmp_path)
-    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt)), launcher="deepspeed")
+    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt)),
+                       launcher="deepspeed")
     errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
     assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
     assert "expert-parallel size 2" in errors[0] and "tools/convert_checkpoint.py reshard" in errors[0]
