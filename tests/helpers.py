@@ -1,4 +1,5 @@
-"""Test helpers: a tiny synthetic corpus with its tokenizer, and running the real launcher."""
+"""Test helpers: a tiny synthetic corpus with its tokenizer, and running the training script and tools
+(through the real launchers, or as forks of a preloaded server)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import json
 import math
 import os
 import random
+import runpy
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+import torch.multiprocessing as mp
+from multiprocessing.connection import wait as wait_for_exits
 
 from samoe_dist.ports import free_port  # noqa: F401  (the tests take it from here)
 
@@ -81,29 +88,129 @@ def bf16_mean(roundings: int, count: int, computations: int = 2, sigmas: float =
     return sigmas * BF16_U * math.sqrt(computations * roundings / 3.0) / math.sqrt(count)
 
 
-def run_launcher(nprocs: int, args: list[str], timeout: int = 600, launcher: str = "torchrun",
-                 **extra_env: str) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N pretrain_samoe.py ARGS` on CPU, or with ``launcher='deepspeed'``
-    `deepspeed --num_gpus N pretrain_samoe.py ARGS`, as a user runs it (``extra_env``: more
-    environment for every rank).
+def preloaded_context():
+    """The multiprocessing fork-server context whose server has imported torch, DeepSpeed,
+    megatron-core and samoe_dist once (samoe_dist/preload.py): a process started from it is a
+    fresh fork of that server, not an interpreter importing them again (~10 s of CPU a process on
+    a 2-core CPU). One server per test session, shared by every caller."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["samoe_dist.preload"])
+    return ctx
 
-    Both set the same environment for the ranks. DeepSpeed's runner imports DeepSpeed twice before
-    a rank starts (its runner, then its per-node launch.py: ~7 s a launch on a 2-core CPU), so the
-    tests of the launcher's own behaviour (the command line, one-line errors; torchrun wraps a
-    failed rank in its ChildFailedError traceback) use it and the rest use torchrun."""
+
+def _run_script_here(script: str, argv: list[str], env: dict, stdout: str, stderr: str) -> None:
+    """In a fork of the preloaded server: run ``script`` as `python SCRIPT ARGV` would, with
+    ``env`` as its whole environment and its stdout/stderr (file descriptors 1 and 2, so C-level
+    output and loggers made at import time too) going to the given files."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, path in ((1, stdout), (2, stderr)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    os.environ.clear()
+    os.environ.update(env)
+    import torch
+
+    # OpenMP read OMP_NUM_THREADS when the server loaded torch: set what this process was given.
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    os.chdir(REPO)
+    sys.argv = [script, *argv]
+    sys.path.insert(0, str(Path(script).parent))
+    runpy.run_path(script, run_name="__main__")
+
+
+def run_preloaded(script: Path, argv: list[str], envs: list[dict], timeout: float = 600,
+                  grace: float = 10.0) -> subprocess.CompletedProcess:
+    """Run ``script`` in ``len(envs)`` processes forked from the preloaded server, process i with
+    environment ``envs[i]``, as a launcher runs its ranks: if one fails the others are sent
+    SIGTERM, then SIGKILL after ``grace`` seconds. Returns a CompletedProcess whose stdout and
+    stderr are the processes' own, in process order, and whose return code is the first failed
+    process's (0 if none failed); past ``timeout`` all are killed and TimeoutExpired raised."""
+    ctx = preloaded_context()
+    cmd = ["<preloaded fork>", str(script), *argv]
+    with tempfile.TemporaryDirectory(prefix="samoe-run-") as tmp:
+        procs = []
+        for i, env in enumerate(envs):
+            p = ctx.Process(target=_run_script_here,
+                            args=(str(script), list(argv), env, f"{tmp}/out{i}", f"{tmp}/err{i}"))
+            p.start()
+            procs.append(p)
+        deadline = time.monotonic() + timeout
+        first_failed = 0  # the exit code of the process that failed first (the lowest if several did)
+        stop_by = None
+        while any(p.exitcode is None for p in procs):
+            now = time.monotonic()
+            if now > deadline:
+                for p in procs:
+                    p.kill()
+                for p in procs:
+                    p.join()
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            wait_for_exits([p.sentinel for p in procs if p.exitcode is None], timeout=0.5)
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed and stop_by is None:
+                first_failed = failed[0]
+                stop_by = now + grace
+                for p in procs:
+                    if p.exitcode is None:
+                        p.terminate()
+            elif stop_by is not None and now > stop_by:
+                for p in procs:
+                    if p.exitcode is None:
+                        p.kill()
+        for p in procs:
+            p.join()
+        if stop_by is None:  # the last ones ended together: one may have failed without the loop seeing it
+            first_failed = next((p.exitcode for p in procs if p.exitcode != 0), 0)
+        out = "".join(Path(f"{tmp}/out{i}").read_text(errors="replace") for i in range(len(envs)))
+        err = "".join(Path(f"{tmp}/err{i}").read_text(errors="replace") for i in range(len(envs)))
+    return subprocess.CompletedProcess(cmd, first_failed, out, err)
+
+
+def run_tool(name: str, argv: list[str], timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
+    """`python tools/NAME.py ARGV`, one process forked from the preloaded server (see run_preloaded)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra_env)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    return run_preloaded(REPO / "tools" / f"{name}.py", argv, [env], timeout=timeout)
+
+
+def run_launcher(nprocs: int, args: list[str], timeout: int = 600, launcher: str = "preloaded",
+                 **extra_env: str) -> subprocess.CompletedProcess:
+    """Run `pretrain_samoe.py ARGS` in ``nprocs`` CPU ranks (``extra_env``: more environment for every
+    rank) with one of three launchers:
+
+    - ``'deepspeed'``: `deepspeed --num_gpus N pretrain_samoe.py ARGS`, the command a user types;
+    - ``'torchrun'``: `torchrun --nproc_per_node N pretrain_samoe.py ARGS`;
+    - ``'preloaded'`` (default): the ranks are forks of the preloaded server (run_preloaded), each
+      given the environment those launchers give a rank (RANK, LOCAL_RANK, WORLD_SIZE,
+      LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and running the script as `python` would.
+
+    The script's code path is the same under all three; what differs is the process start: the
+    launchers import DeepSpeed or torch themselves (~4-7 s) and every rank imports torch, DeepSpeed
+    and megatron-core (~10 s of CPU each on a 2-core CPU), which the preloaded fork does not
+    (a 2-rank, 4-iteration run: ~13 s with torchrun, ~1.3 s preloaded). So the tests of the
+    launchers' own behaviour (the command line, one-line errors as a user sees them; torchrun wraps
+    a failed rank in its ChildFailedError traceback) name theirs, and the rest run preloaded."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra_env)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
+    script = REPO / "pretrain_samoe.py"
+    if launcher == "preloaded":
+        port = str(free_port())
+        envs = [dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in range(nprocs)]
+        return run_preloaded(script, args, envs, timeout=timeout)
     if launcher == "deepspeed":
         head = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port())]
     elif launcher == "torchrun":
         head = [TORCHRUN, "--nproc_per_node", str(nprocs), "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port())]
     else:
-        raise ValueError(f"launcher must be 'torchrun' or 'deepspeed', got {launcher!r}")
-    cmd = [*head, str(REPO / "pretrain_samoe.py"), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+        raise ValueError(f"launcher must be 'preloaded', 'torchrun' or 'deepspeed', got {launcher!r}")
+    return subprocess.run([*head, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def read_metrics(path: Path, kind: str) -> list[dict]:

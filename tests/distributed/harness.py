@@ -13,9 +13,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
-from tests.helpers import free_port
+from tests.helpers import free_port, preloaded_context
 
 
 def _leave_together() -> None:
@@ -86,24 +85,11 @@ def _worker(rank: int, world: int, port: int, argv: list[str], steps: int, probe
     _leave_together()
 
 
-_CONTEXT = None
-
-
-def _context():
-    """A fork-server context whose server has imported the heavy modules once (samoe_dist/
-    preload.py): each rank is a fresh fork of it, not an interpreter importing them again."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = mp.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["samoe_dist.preload"])
-    return _CONTEXT
-
-
 def _spawn(world: int, target, args: tuple, out_dir: Path, timeout: float) -> list[dict]:
     """Start ``target(rank, world, port, *args, out_dir)`` in ``world`` processes; returns each rank's
     saved result dict (any rank that failed or died fails here, with its traceback)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = _context()
+    ctx = preloaded_context()
     port = free_port()
     procs = [ctx.Process(target=target, args=(r, world, port, *args, str(out_dir))) for r in range(world)]
     for p in procs:

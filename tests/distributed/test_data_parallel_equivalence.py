@@ -1,5 +1,7 @@
 """A dense model trained by 1 process and by 2 data-parallel processes (same global batch, same
-seed) follows the same loss curve: real gloo processes started by the deepspeed launcher."""
+seed) follows the same loss curve: real gloo processes started by torchrun (the suite's one run under
+torchrun; the deepspeed launcher's runs are in tests/integration/test_pretrain_cli.py, mpirun's in
+test_mpi_launch.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def test_one_vs_two_processes_same_losses(tmp_path, tiny_corpus, zero_stage):
         args = tiny_model_args(tmp_path, corpus, tok, "--micro-batch-size", "2", "--global-batch-size", "8",
                                "--train-iters", "6", "--lr", "3e-3", "--metrics-file", str(metrics),
                                "--ds_config", str(ds))
-        out = run_launcher(nprocs, args)
+        out = run_launcher(nprocs, args, launcher="torchrun")
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         losses[nprocs] = [r["lm_loss"] for r in read_metrics(metrics, "train")]
         valid = read_metrics(metrics, "valid")

@@ -151,8 +151,7 @@ def test_keep_last_checkpoints_and_exit_duration(tmp_path, tiny_corpus):
 ])
 def test_load_checks_the_model_config(tmp_path, tiny_corpus, saved_ep1, change, message):
     ckpt = _copy(saved_ep1, tmp_path)
-    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt), *change),
-                       launcher="deepspeed")  # the errors a user sees: no launcher traceback around them
+    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt), *change))
     if message is None:
         assert run.returncode == 0, run.stderr[-3000:]
         return
@@ -163,8 +162,7 @@ def test_load_checks_the_model_config(tmp_path, tiny_corpus, saved_ep1, change, 
 
 def test_load_refuses_another_layout_naming_the_converter(tmp_path, tiny_corpus, saved_ep2):
     ckpt = _copy(saved_ep2, tmp_path)
-    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt)),
-                       launcher="deepspeed")
+    run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt)))
     errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
     assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
     assert "expert-parallel size 2" in errors[0] and "tools/convert_checkpoint.py reshard" in errors[0]
@@ -243,7 +241,7 @@ def test_a_missing_checkpoint_file_is_named(tmp_path, tiny_corpus, saved_ep2, ki
         run = run_launcher(2, args("--train-iters", "2", "--save", str(ckpt)))
         assert run.returncode == 0, run.stderr[-3000:]
     (ckpt / "iter_0000002" / victim).unlink()
-    run = run_launcher(2, args("--train-iters", "3", "--load", str(ckpt)), launcher="deepspeed")
+    run = run_launcher(2, args("--train-iters", "3", "--load", str(ckpt)))
     assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
     assert f"1 file(s) missing: {victim}" in _errors(run)[0] and "earlier complete checkpoint" in _errors(run)[0]
     assert "Connection closed" not in run.stderr and "Traceback" not in run.stderr

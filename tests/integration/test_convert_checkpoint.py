@@ -15,12 +15,11 @@ The loss is the check that the model survived:
 from __future__ import annotations
 
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import REPO, read_metrics, run_launcher, tiny_model_args
+from tests.helpers import read_metrics, run_launcher, run_tool, tiny_model_args
 
 COMMON = ["--num-experts", "4", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3",
           "--lr-warmup-iters", "1"]
@@ -38,8 +37,7 @@ SOURCE = {"sharded": (4, ["--samoe-pool-sharding", "sharded"]),
 
 
 def convert(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return run_tool("convert_checkpoint", list(argv), timeout=120)
 
 
 def plain_losses(args: list[str], world_size: int, ckpt, tmp_path, consumed: int) -> tuple[float, float]:

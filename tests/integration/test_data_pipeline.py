@@ -50,7 +50,7 @@ def test_tools_then_pretrain_on_a_blend(tmp_path):
     data = (tmp_path / "corpus_text_document.bin").read_bytes()
     (tmp_path / "corpus_text_document.bin").write_bytes(data[:-100])
     run = run_launcher(1, ["--ds_config", str(REPO / "examples/ds_config_cpu.json"), "--data-path", str(text),
-                           "--train-iters", "1", "--lr-warmup-iters", "0"], launcher="deepspeed")
+                           "--train-iters", "1", "--lr-warmup-iters", "0"])
     errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
     assert run.returncode != 0 and len(errors) == 1 and "Traceback" not in run.stderr
     assert f"{text}.bin is truncated: {len(data) - 100} bytes" in errors[0] and "preprocess_data.py" in errors[0]

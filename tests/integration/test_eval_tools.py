@@ -10,11 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import REPO, run_launcher, tiny_model_args
+from tests.helpers import REPO, run_launcher, run_tool, tiny_model_args
 
 import lm_eval  # noqa: E402,F401  lm-eval is a pinned test dependency (setup.py [dev]): missing, these tests fail
 
@@ -22,8 +21,7 @@ LIMIT = 8
 
 
 def tool(name: str, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *argv, "--no-progress"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return run_tool(name, [*argv, "--no-progress"], timeout=300)
 
 
 def tool_main(name: str, *argv: str) -> int:
@@ -75,8 +73,7 @@ def test_zero_shot_tool_writes_lm_eval_results(trained, capsys):
 def test_perplexity_tool_agrees_for_checkpoint_and_export(trained, tiny_corpus):
     corpus, _ = tiny_corpus
     exported = trained / "plain" / "model.safetensors"
-    conv = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "export", "--load",
-                           str(trained / "ckpt"), "--output", str(exported)], cwd=REPO, capture_output=True, text=True)
+    conv = run_tool("convert_checkpoint", ["export", "--load", str(trained / "ckpt"), "--output", str(exported)])
     assert conv.returncode == 0, conv.stderr
     flags = ["--input", str(corpus), "--limit", "20", "--stride", "16"]
     run = tool("eval_ppl", "--load", str(trained / "ckpt"), *flags, "--output", str(trained / "ppl_ckpt.json"))

@@ -1,5 +1,8 @@
-"""The real entry script under the deepspeed launcher: dense, standard MoE and SaMoE train from the
-command line with 2 processes; bad input stops with one line."""
+"""The entry script from the command line: dense, standard MoE and SaMoE train with 2 processes; bad
+input stops with one line. The command a user types (the deepspeed launcher) runs SaMoE, expert
+parallelism at 2 and the one-process errors; the other runs start the same script's ranks from the
+preloaded fork server (tests/helpers.run_launcher), which saves the launcher's and each rank's
+imports (~15 s a run on a 2-core CPU) and nothing of the script's path."""
 
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ from tests import helpers
 from tests.helpers import read_metrics, tiny_model_args
 
 run_launcher = functools.partial(helpers.run_launcher, launcher="deepspeed")  # the command a user types
+run_preloaded = helpers.run_launcher
+# the kind trained through the deepspeed launcher (the others from the preloaded fork server)
+LAUNCHED = "samoe"
 
 KINDS = {
     "dense": [],
@@ -33,7 +39,7 @@ def trained(tmp_path_factory, tiny_corpus):
                                "--micro-batch-size", "4", "--global-batch-size", "16", "--train-iters", "30",
                                "--lr", "5e-3", "--eval-interval", "15", "--log-interval", "10",
                                "--metrics-file", str(metrics), *extra)
-        run = run_launcher(2, args)
+        run = (run_launcher if kind == LAUNCHED else run_preloaded)(2, args)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         out[kind] = (run, metrics)
     return out
@@ -117,7 +123,8 @@ def test_missing_data_is_one_line(tmp_path, tiny_corpus):
 def test_expert_parallel_from_the_cli(tmp_path, tiny_corpus, nprocs, ep):
     corpus, tok = tiny_corpus
     metrics = tmp_path / "metrics.jsonl"
-    run = run_launcher(nprocs, tiny_model_args(
+    launch = run_launcher if nprocs == 2 else run_preloaded
+    run = launch(nprocs, tiny_model_args(
         tmp_path, corpus, tok, "--num-experts", "4", "--samoe-pool-size", "2", "--expert-model-parallel-size", str(ep),
         "--micro-batch-size", "2", "--global-batch-size", str(2 * nprocs), "--train-iters", "4",
         "--log-interval", "2", "--metrics-file", str(metrics)))
@@ -146,8 +153,8 @@ def test_vocabulary_not_divisible_by_tp_is_one_line(tmp_path):
     from tests.helpers import make_tiny_corpus
 
     corpus, tok = make_tiny_corpus(tmp_path / "odd", vocab_size=161)
-    run = run_launcher(2, tiny_model_args(tmp_path, corpus, tok, "--tensor-model-parallel-size", "2",
-                                          "--micro-batch-size", "2", "--train-iters", "1"))
+    run = run_preloaded(2, tiny_model_args(tmp_path, corpus, tok, "--tensor-model-parallel-size", "2",
+                                           "--micro-batch-size", "2", "--train-iters", "1"))
     errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
     assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
     assert "the vocabulary has 161 tokens, which --tensor-model-parallel-size 2 does not divide" in errors[0]
