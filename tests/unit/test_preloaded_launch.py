@@ -1,0 +1,68 @@
+"""tests/helpers.run_preloaded, which most integration tests start their ranks with: each process
+gets its own environment and arguments, output comes back per process in process order, and when
+one process fails the others are stopped (SIGTERM, then SIGKILL) as a launcher stops them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from tests.helpers import run_preloaded
+
+SCRIPT = """
+import os, signal, sys, time
+rank = int(os.environ["RANK"])
+print(f"out {rank} of {os.environ['WORLD_SIZE']}: {sys.argv[1:]} {__name__}", flush=True)
+print(f"err {rank}", file=sys.stderr, flush=True)
+if os.environ.get("IGNORE_TERM") == "1":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if rank == int(os.environ.get("FAIL_RANK", "-1")):
+    sys.exit(3)
+if os.environ.get("HANG") == "1":
+    time.sleep(600)
+"""
+
+
+def _envs(world: int, **extra: str) -> list[dict]:
+    return [dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), **extra) for r in range(world)]
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def test_each_process_runs_the_script_as_main_with_its_own_environment(script):
+    run = run_preloaded(script, ["--flag", "x"], _envs(3), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [f"out {r} of 3: ['--flag', 'x'] __main__" for r in range(3)]
+    assert run.stderr.splitlines() == ["err 0", "err 1", "err 2"]
+
+
+def test_a_failed_process_stops_the_others_and_gives_its_exit_code(script):
+    # rank 1 exits 3 while ranks 0 and 2 would sleep for 600 s: they are sent SIGTERM
+    run = run_preloaded(script, [], _envs(3, FAIL_RANK="1", HANG="1"), timeout=120)
+    assert run.returncode == 3
+    assert len(run.stdout.splitlines()) == 3
+
+
+def test_a_process_ignoring_sigterm_is_killed_after_the_grace(script):
+    run = run_preloaded(script, [], _envs(2, FAIL_RANK="1", HANG="1", IGNORE_TERM="1"), timeout=120, grace=1.0)
+    assert run.returncode == 3  # the first failure's code, not rank 0's SIGKILL
+
+
+def test_the_timeout_kills_every_process(script):
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_preloaded(script, [], _envs(2, HANG="1"), timeout=3)
+
+
+def test_a_killed_process_reports_the_signal(tmp_path):
+    path = tmp_path / "die.py"
+    path.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    run = run_preloaded(path, [], _envs(1), timeout=120)
+    assert run.returncode == -signal.SIGKILL
