@@ -213,6 +213,11 @@ def run_launcher(nprocs: int, args: list[str], timeout: int = 600, launcher: str
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def error_lines(text: str) -> list[str]:
+    """The entry script's one-line errors in ``text`` (a run's stderr): what a user reads."""
+    return [line for line in text.splitlines() if "pretrain_samoe.py: error:" in line]
+
+
 def read_metrics(path: Path, kind: str) -> list[dict]:
     with open(path) as f:
         return [r for r in map(json.loads, f) if r["type"] == kind]

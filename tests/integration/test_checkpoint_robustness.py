@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import read_metrics, run_launcher, start_direct, tiny_model_args
+from tests.helpers import error_lines, read_metrics, run_launcher, start_direct, tiny_model_args
 
 SAMOE = ["--num-experts", "4", "--samoe-pool-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4",
          "--lr", "3e-3", "--eval-iters", "1", "--lr-decay-iters", "6"]  # a schedule that --train-iters does not move
@@ -127,7 +127,7 @@ def test_nan_loss_stops_naming_the_step(tmp_path, tiny_corpus):
                               "--save-interval", "1"))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2, out[-3000:]
-    errors = [line for line in out.splitlines() if "pretrain_samoe.py: error:" in line]
+    errors = error_lines(out)
     assert len(errors) == 1 and "at iteration 2" in errors[0] and "checkpoint" in errors[0], out[-2000:]
     assert (ckpt / "latest").read_text() == "iter_0000001"  # the last good one
 
@@ -155,7 +155,7 @@ def test_load_checks_the_model_config(tmp_path, tiny_corpus, saved_ep1, change, 
     if message is None:
         assert run.returncode == 0, run.stderr[-3000:]
         return
-    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    errors = error_lines(run.stderr)
     assert run.returncode != 0 and len(errors) == 1 and message in errors[0], run.stderr[-3000:]
     assert "Traceback" not in run.stderr
 
@@ -163,13 +163,9 @@ def test_load_checks_the_model_config(tmp_path, tiny_corpus, saved_ep1, change, 
 def test_load_refuses_another_layout_naming_the_converter(tmp_path, tiny_corpus, saved_ep2):
     ckpt = _copy(saved_ep2, tmp_path)
     run = run_launcher(1, _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt)))
-    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    errors = error_lines(run.stderr)
     assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
     assert "expert-parallel size 2" in errors[0] and "tools/convert_checkpoint.py reshard" in errors[0]
-
-
-def _errors(run) -> list[str]:
-    return [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
 
 
 def test_changed_optimizer_flags_on_load_are_refused_applied_or_ignored_as_told(tmp_path, tiny_corpus, saved_ep1):
@@ -189,10 +185,11 @@ def test_changed_optimizer_flags_on_load_are_refused_applied_or_ignored_as_told(
         return run_launcher(1, args), metrics, parse_args(args)[0].training
 
     run, _, _ = resume("refused")
-    assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
+    errors = error_lines(run.stderr)
+    assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
     for part in ("--lr checkpoint 0.003, now 0.001", "--min-lr checkpoint 0.0001, now 1e-05",
                  "--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"):
-        assert part in _errors(run)[0], _errors(run)
+        assert part in errors[0], errors
     run, metrics, new = resume("override", "--override-opt-param-scheduler")
     assert run.returncode == 0, run.stderr[-3000:]
     (step3,) = read_metrics(metrics, "train")
@@ -213,8 +210,9 @@ def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, tiny_corpus, s
     assert all(size > 0 for size in fingerprint["file_bytes"].values())
     other = _args(tmp_path, *tiny_corpus, "--train-iters", "3", "--load", str(ckpt), "--split", "900,100,0")
     run = run_launcher(1, other)
-    assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
-    assert "split: checkpoint 969,30,1, now 900,100,0" in _errors(run)[0] and "--allow-data-change" in _errors(run)[0]
+    errors = error_lines(run.stderr)
+    assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
+    assert "split: checkpoint 969,30,1, now 900,100,0" in errors[0] and "--allow-data-change" in errors[0]
     run = run_launcher(1, [*other, "--allow-data-change"])
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -242,8 +240,9 @@ def test_a_missing_checkpoint_file_is_named(tmp_path, tiny_corpus, saved_ep2, ki
         assert run.returncode == 0, run.stderr[-3000:]
     (ckpt / "iter_0000002" / victim).unlink()
     run = run_launcher(2, args("--train-iters", "3", "--load", str(ckpt)))
-    assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
-    assert f"1 file(s) missing: {victim}" in _errors(run)[0] and "earlier complete checkpoint" in _errors(run)[0]
+    errors = error_lines(run.stderr)
+    assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
+    assert f"1 file(s) missing: {victim}" in errors[0] and "earlier complete checkpoint" in errors[0]
     assert "Connection closed" not in run.stderr and "Traceback" not in run.stderr
 
 
@@ -252,10 +251,12 @@ def test_save_refuses_to_overwrite_another_runs_checkpoints(tmp_path, tiny_corpu
     before anything is written (its 'latest' and files untouched); --overwrite-checkpoints allows it."""
     ckpt = _copy(saved_ep1, tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in (ckpt / "iter_0000002").iterdir()}
-    other = tiny_model_args(tmp_path, *tiny_corpus, "--micro-batch-size", "2", "--train-iters", "1", "--save", str(ckpt))
+    other = tiny_model_args(tmp_path, *tiny_corpus, "--micro-batch-size", "2", "--train-iters", "1",
+                            "--save", str(ckpt))
     run = run_launcher(1, other)  # a dense model into the SaMoE run's directory
-    assert run.returncode != 0 and len(_errors(run)) == 1, run.stderr[-3000:]
-    assert "latest iter_0000002, a samoe model" in _errors(run)[0] and "--overwrite-checkpoints" in _errors(run)[0]
+    errors = error_lines(run.stderr)
+    assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
+    assert "latest iter_0000002, a samoe model" in errors[0] and "--overwrite-checkpoints" in errors[0]
     assert (ckpt / "latest").read_text() == "iter_0000002"
     assert {p.name: p.stat().st_mtime_ns for p in (ckpt / "iter_0000002").iterdir()} == before
     run = run_launcher(1, [*other, "--overwrite-checkpoints"])

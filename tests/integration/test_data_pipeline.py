@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from samoe_dist.data.testing import REPO, synthetic_documents
-from tests.helpers import read_metrics, run_launcher
+from tests.helpers import error_lines, read_metrics, run_launcher
 
 
 def tool(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -51,6 +51,6 @@ def test_tools_then_pretrain_on_a_blend(tmp_path):
     (tmp_path / "corpus_text_document.bin").write_bytes(data[:-100])
     run = run_launcher(1, ["--ds_config", str(REPO / "examples/ds_config_cpu.json"), "--data-path", str(text),
                            "--train-iters", "1", "--lr-warmup-iters", "0"])
-    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    errors = error_lines(run.stderr)
     assert run.returncode != 0 and len(errors) == 1 and "Traceback" not in run.stderr
     assert f"{text}.bin is truncated: {len(data) - 100} bytes" in errors[0] and "preprocess_data.py" in errors[0]

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from tests import helpers
-from tests.helpers import read_metrics, tiny_model_args
+from tests.helpers import error_lines, read_metrics, tiny_model_args
 
 run_launcher = functools.partial(helpers.run_launcher, launcher="deepspeed")  # the command a user types
 run_preloaded = helpers.run_launcher
@@ -106,7 +106,7 @@ def test_vocab_mismatch_is_one_line(tmp_path, tiny_corpus):
     corpus, tok = tiny_corpus
     run = run_launcher(1, tiny_model_args(tmp_path, corpus, tok, "--vocab-size", "999", "--train-iters", "1"))
     assert run.returncode != 0
-    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    errors = error_lines(run.stderr)
     assert len(errors) == 1 and "--vocab-size 999 does not match the tokenizer" in errors[0]
     assert "Traceback" not in run.stderr
 
@@ -114,7 +114,7 @@ def test_vocab_mismatch_is_one_line(tmp_path, tiny_corpus):
 def test_missing_data_is_one_line(tmp_path, tiny_corpus):
     _, tok = tiny_corpus
     run = run_launcher(1, tiny_model_args(tmp_path, tmp_path / "nope.jsonl", tok, "--train-iters", "1"))
-    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    errors = error_lines(run.stderr)
     assert run.returncode != 0 and len(errors) == 1 and "does not exist" in errors[0]
     assert "fetch_corpus.py" in errors[0]
 
@@ -155,7 +155,7 @@ def test_vocabulary_not_divisible_by_tp_is_one_line(tmp_path):
     corpus, tok = make_tiny_corpus(tmp_path / "odd", vocab_size=161)
     run = run_preloaded(2, tiny_model_args(tmp_path, corpus, tok, "--tensor-model-parallel-size", "2",
                                            "--micro-batch-size", "2", "--train-iters", "1"))
-    errors = [line for line in run.stderr.splitlines() if "pretrain_samoe.py: error:" in line]
+    errors = error_lines(run.stderr)
     assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
     assert "the vocabulary has 161 tokens, which --tensor-model-parallel-size 2 does not divide" in errors[0]
     assert "Traceback" not in run.stderr
