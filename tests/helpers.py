@@ -141,15 +141,8 @@ def run_preloaded(script: Path, argv: list[str], envs: list[dict], timeout: floa
         deadline = time.monotonic() + timeout
         first_failed = 0  # the exit code of the process that failed first (the lowest if several did)
         stop_by = None
-        while any(p.exitcode is None for p in procs):
+        while True:
             now = time.monotonic()
-            if now > deadline:
-                for p in procs:
-                    p.kill()
-                for p in procs:
-                    p.join()
-                raise subprocess.TimeoutExpired(cmd, timeout)
-            wait_for_exits([p.sentinel for p in procs if p.exitcode is None], timeout=0.5)
             failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
             if failed and stop_by is None:
                 first_failed = failed[0]
@@ -161,10 +154,18 @@ def run_preloaded(script: Path, argv: list[str], envs: list[dict], timeout: floa
                 for p in procs:
                     if p.exitcode is None:
                         p.kill()
+            running = [p.sentinel for p in procs if p.exitcode is None]
+            if not running:
+                break
+            if now > deadline:
+                for p in procs:
+                    p.kill()
+                for p in procs:
+                    p.join()
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            wait_for_exits(running, timeout=0.5)
         for p in procs:
             p.join()
-        if stop_by is None:  # the last ones ended together: one may have failed without the loop seeing it
-            first_failed = next((p.exitcode for p in procs if p.exitcode != 0), 0)
         out = "".join(Path(f"{tmp}/out{i}").read_text(errors="replace") for i in range(len(envs)))
         err = "".join(Path(f"{tmp}/err{i}").read_text(errors="replace") for i in range(len(envs)))
     return subprocess.CompletedProcess(cmd, first_failed, out, err)

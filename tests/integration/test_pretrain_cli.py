@@ -15,7 +15,7 @@ from tests import helpers
 from tests.helpers import error_lines, read_metrics, tiny_model_args
 
 run_launcher = functools.partial(helpers.run_launcher, launcher="deepspeed")  # the command a user types
-run_preloaded = helpers.run_launcher
+launch_preloaded = helpers.run_launcher  # the same script's ranks as forks of the preloaded server
 # the kind trained through the deepspeed launcher (the others from the preloaded fork server)
 LAUNCHED = "samoe"
 
@@ -39,7 +39,7 @@ def trained(tmp_path_factory, tiny_corpus):
                                "--micro-batch-size", "4", "--global-batch-size", "16", "--train-iters", "30",
                                "--lr", "5e-3", "--eval-interval", "15", "--log-interval", "10",
                                "--metrics-file", str(metrics), *extra)
-        run = (run_launcher if kind == LAUNCHED else run_preloaded)(2, args)
+        run = (run_launcher if kind == LAUNCHED else launch_preloaded)(2, args)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         out[kind] = (run, metrics)
     return out
@@ -123,7 +123,7 @@ def test_missing_data_is_one_line(tmp_path, tiny_corpus):
 def test_expert_parallel_from_the_cli(tmp_path, tiny_corpus, nprocs, ep):
     corpus, tok = tiny_corpus
     metrics = tmp_path / "metrics.jsonl"
-    launch = run_launcher if nprocs == 2 else run_preloaded
+    launch = run_launcher if nprocs == 2 else launch_preloaded
     run = launch(nprocs, tiny_model_args(
         tmp_path, corpus, tok, "--num-experts", "4", "--samoe-pool-size", "2", "--expert-model-parallel-size", str(ep),
         "--micro-batch-size", "2", "--global-batch-size", str(2 * nprocs), "--train-iters", "4",
@@ -153,8 +153,8 @@ def test_vocabulary_not_divisible_by_tp_is_one_line(tmp_path):
     from tests.helpers import make_tiny_corpus
 
     corpus, tok = make_tiny_corpus(tmp_path / "odd", vocab_size=161)
-    run = run_preloaded(2, tiny_model_args(tmp_path, corpus, tok, "--tensor-model-parallel-size", "2",
-                                           "--micro-batch-size", "2", "--train-iters", "1"))
+    run = launch_preloaded(2, tiny_model_args(tmp_path, corpus, tok, "--tensor-model-parallel-size", "2",
+                                              "--micro-batch-size", "2", "--train-iters", "1"))
     errors = error_lines(run.stderr)
     assert run.returncode != 0 and len(errors) == 1, run.stderr[-3000:]
     assert "the vocabulary has 161 tokens, which --tensor-model-parallel-size 2 does not divide" in errors[0]
