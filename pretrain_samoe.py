@@ -11,8 +11,10 @@ Flags follow Megatron's names; `--help` lists them. The training loop lives in s
 
 import atexit
 import os
+import signal
 import sys
 import threading
+import time
 
 from samoe_dist import cpu_compat
 from samoe_dist.arguments import parse_args
@@ -31,11 +33,34 @@ def main(argv=None) -> int:
         # gloo's threads can abort the process ("terminate called without an active exception").
         destroy()
     except (ConfigError, FileNotFoundError, FloatingPointError) as exc:
-        # One line per problem, from rank 0 only (the other ranks hit the same check).
-        if os.environ.get("RANK", "0") == "0":
-            print(f"pretrain_samoe.py: error: {exc}", file=sys.stderr)
+        report_error(exc)
         return 2
     return 0
+
+
+# How long a rank other than 0 waits, after a bad-input error, to be stopped by the launcher.
+ERROR_WAIT_S = 20.0
+
+
+def report_error(exc: BaseException) -> None:
+    """Print one line for a problem with the input: rank 0's, once.
+
+    Every rank usually hits the same check. Rank 0 prints the line and exits; the launcher
+    (deepspeed, torchrun, mpirun) then stops the other ranks. Were they to exit at once too, the
+    launcher could stop rank 0 before its line is out, and the user would see no reason at all, so
+    they wait ERROR_WAIT_S instead, with SIGTERM's default action back (training's handler only
+    records it). A rank still running after the wait hit a problem of its own (a file missing on
+    its node, say), or runs under a launcher that does not stop the others: it prints its own line,
+    naming its rank.
+    """
+    # RANK is set by deepspeed, torchrun and our SLURM script, and under mpirun once DeepSpeed has
+    # initialised; before that, MPI's own variables (Open MPI, then MPICH and Intel MPI) say it
+    rank = int(next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if k in os.environ), 0))
+    if rank != 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(ERROR_WAIT_S)
+    where = "" if rank == 0 else f" (rank {rank})"
+    print(f"pretrain_samoe.py: error{where}: {exc}", file=sys.stderr, flush=True)
 
 
 def exit_without_teardown(code: int) -> None:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import runpy
 import subprocess
 import sys
@@ -122,6 +123,10 @@ def _run_script_here(script: str, argv: list[str], env: dict, stdout: str, stder
     runpy.run_path(script, run_name="__main__")
 
 
+def _read_if_any(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def run_preloaded(script: Path, argv: list[str], envs: list[dict], timeout: float = 600,
                   grace: float = 10.0) -> subprocess.CompletedProcess:
     """Run ``script`` in ``len(envs)`` processes forked from the preloaded server, process i with
@@ -166,8 +171,9 @@ def run_preloaded(script: Path, argv: list[str], envs: list[dict], timeout: floa
             wait_for_exits(running, timeout=0.5)
         for p in procs:
             p.join()
-        out = "".join(Path(f"{tmp}/out{i}").read_text(errors="replace") for i in range(len(envs)))
-        err = "".join(Path(f"{tmp}/err{i}").read_text(errors="replace") for i in range(len(envs)))
+        # a process that died before it opened its files (in the fork server's bootstrap) has none
+        out = "".join(_read_if_any(Path(f"{tmp}/out{i}")) for i in range(len(envs)))
+        err = "".join(_read_if_any(Path(f"{tmp}/err{i}")) for i in range(len(envs)))
     return subprocess.CompletedProcess(cmd, first_failed, out, err)
 
 
@@ -215,8 +221,9 @@ def run_launcher(nprocs: int, args: list[str], timeout: int = 600, launcher: str
 
 
 def error_lines(text: str) -> list[str]:
-    """The entry script's one-line errors in ``text`` (a run's stderr): what a user reads."""
-    return [line for line in text.splitlines() if "pretrain_samoe.py: error:" in line]
+    """The entry script's one-line errors in ``text`` (a run's stderr): what a user reads. Rank 0's
+    line is `pretrain_samoe.py: error: ...`, another rank's `pretrain_samoe.py: error (rank N): ...`."""
+    return [line for line in text.splitlines() if re.search(r"pretrain_samoe\.py: error( \(rank \d+\))?: ", line)]
 
 
 def read_metrics(path: Path, kind: str) -> list[dict]:

@@ -1,14 +1,16 @@
 """pretrain_samoe.exit_without_teardown: the exit code, the atexit handlers and a live non-daemon
-thread's work all survive skipping the interpreter's teardown."""
+thread's work all survive skipping the interpreter's teardown. pretrain_samoe.report_error: a bad-input
+error is one line over all ranks, rank 0's, unless only another rank has the problem."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, error_lines, run_preloaded
 
 SCRIPT = """
 import atexit, sys, threading, time
@@ -37,3 +39,55 @@ def test_exit_runs_atexit_waits_for_threads_and_keeps_the_code(tmp_path, thread,
     assert run.stdout == "buffered stdout, no newline flush"  # flushed before the process ends
     # a non-daemon thread finishes first (the plain exit path), then the atexit handlers run
     assert out.read_text().splitlines() == (["thread", "atexit"] if thread else ["atexit"])
+
+
+REPORT = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+import pretrain_samoe
+from samoe_dist.config import ConfigError
+pretrain_samoe.ERROR_WAIT_S = float(os.environ["WAIT"])
+if os.environ["RANK"] in os.environ["FAILING"].split(","):
+    pretrain_samoe.report_error(ConfigError("--data-path x does not exist"))
+    sys.exit(2)
+time.sleep(600)  # a rank that passed the check waits in a collective
+"""
+
+
+@pytest.fixture
+def report_script(tmp_path):
+    path = tmp_path / "report.py"
+    path.write_text(REPORT.format(repo=str(REPO)))
+    return path
+
+
+def _rank_envs(world: int, **extra: str) -> list[dict]:
+    return [dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), **extra) for r in range(world)]
+
+
+def test_an_error_every_rank_hits_is_one_line_even_if_rank_1_gets_there_first(report_script):
+    # rank 1 reaches the check, then rank 0 only 2 s later: rank 1 waits to be stopped, so rank 0's
+    # line is the one printed (were rank 1 to exit at once, the launcher would stop rank 0 first)
+    script = report_script.read_text().replace(
+        "if os.environ[\"RANK\"] in", "if os.environ[\"RANK\"] == \"0\": time.sleep(2)\nif os.environ[\"RANK\"] in")
+    report_script.write_text(script)
+    run = run_preloaded(report_script, [], _rank_envs(2, FAILING="0,1", WAIT="60"), timeout=120)
+    assert run.returncode == 2
+    assert error_lines(run.stderr) == ["pretrain_samoe.py: error: --data-path x does not exist"]
+
+
+def test_an_error_only_another_rank_hits_is_printed_by_that_rank(report_script):
+    run = run_preloaded(report_script, [], _rank_envs(3, FAILING="2", WAIT="1"), timeout=120)
+    assert run.returncode == 2  # ranks 0 and 1 were stopped
+    assert error_lines(run.stderr) == ["pretrain_samoe.py: error (rank 2): --data-path x does not exist"]
+
+
+def test_sigterm_stops_a_waiting_rank_even_after_training_set_its_handler(report_script):
+    # training records SIGTERM to save and exit at the next step; in the error wait it must stop the rank
+    # (else rank 1 would print its own line after the 30 s wait, before the SIGKILL at 60 s)
+    script = report_script.read_text().replace(
+        "pretrain_samoe.ERROR_WAIT_S", "from samoe_dist.training import SigtermFlag; SigtermFlag()\n"
+        "pretrain_samoe.ERROR_WAIT_S")
+    report_script.write_text(script)
+    run = run_preloaded(report_script, [], _rank_envs(2, FAILING="0,1", WAIT="30"), timeout=120, grace=60)
+    assert run.returncode == 2 and len(error_lines(run.stderr)) == 1
