@@ -47,6 +47,8 @@ sys.path.insert(0, {repo!r})
 import pretrain_samoe
 from samoe_dist.config import ConfigError
 pretrain_samoe.ERROR_WAIT_S = float(os.environ["WAIT"])
+if os.environ["RANK"] == "0":
+    time.sleep(float(os.environ.get("RANK0_LATE", "0")))  # rank 0 reaches the check this much later
 if os.environ["RANK"] in os.environ["FAILING"].split(","):
     pretrain_samoe.report_error(ConfigError("--data-path x does not exist"))
     sys.exit(2)
@@ -68,10 +70,7 @@ def _rank_envs(world: int, **extra: str) -> list[dict]:
 def test_an_error_every_rank_hits_is_one_line_even_if_rank_1_gets_there_first(report_script):
     # rank 1 reaches the check, then rank 0 only 2 s later: rank 1 waits to be stopped, so rank 0's
     # line is the one printed (were rank 1 to exit at once, the launcher would stop rank 0 first)
-    script = report_script.read_text().replace(
-        "if os.environ[\"RANK\"] in", "if os.environ[\"RANK\"] == \"0\": time.sleep(2)\nif os.environ[\"RANK\"] in")
-    report_script.write_text(script)
-    run = run_preloaded(report_script, [], _rank_envs(2, FAILING="0,1", WAIT="60"), timeout=120)
+    run = run_preloaded(report_script, [], _rank_envs(2, FAILING="0,1", WAIT="60", RANK0_LATE="2"), timeout=120)
     assert run.returncode == 2
     assert error_lines(run.stderr) == ["pretrain_samoe.py: error: --data-path x does not exist"]
 
@@ -89,5 +88,6 @@ def test_sigterm_stops_a_waiting_rank_even_after_training_set_its_handler(report
         "pretrain_samoe.ERROR_WAIT_S", "from samoe_dist.training import SigtermFlag; SigtermFlag()\n"
         "pretrain_samoe.ERROR_WAIT_S")
     report_script.write_text(script)
-    run = run_preloaded(report_script, [], _rank_envs(2, FAILING="0,1", WAIT="30"), timeout=120, grace=60)
+    envs = _rank_envs(2, FAILING="0,1", WAIT="30", RANK0_LATE="2")  # rank 1 is waiting when stopped
+    run = run_preloaded(report_script, [], envs, timeout=120, grace=60)
     assert run.returncode == 2 and len(error_lines(run.stderr)) == 1
