@@ -171,6 +171,11 @@ class SaMoEConfig:
         "Costs the materialised experts' memory for the whole step (every MoE layer's n local experts, as much "
         "as a standard MoE's expert weights); the gradients are unchanged (docs/DESIGN.md section 6).",
         default=False)
+    samoe_prefetch_gather: bool = doc(
+        "Sharded pool: each SaMoE layer starts the next layer's all-gather of its experts (asynchronously) "
+        "before it runs its own, so the collective can overlap this layer's compute; costs one more layer's "
+        "local experts of memory in forward. The result is unchanged (docs/DESIGN.md section 6).",
+        default=False)
 
     @property
     def enabled(self) -> bool:
@@ -212,6 +217,13 @@ class SaMoEConfig:
             _require(not self.samoe_route_to_pool,
                      "--samoe-route-to-pool uses the pool experts as they are, nothing is materialised: drop "
                      "--samoe-materialize-once-per-step")
+        if self.samoe_prefetch_gather:
+            _require(self.samoe_pool_size is not None and self.samoe_pool_sharding == "sharded",
+                     "--samoe-prefetch-gather starts the sharded pool's all-gathers early: it needs "
+                     "--samoe-pool-size P and --samoe-pool-sharding sharded")
+            _require(not self.samoe_materialize_once_per_step,
+                     "--samoe-materialize-once-per-step gathers each layer once per step, before any "
+                     "prefetch could: drop --samoe-prefetch-gather")
         if self.samoe_pool_size is not None:
             _positive(self, "samoe_pool_size")
             _require(self.samoe_top_m <= self.samoe_pool_size,

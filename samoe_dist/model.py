@@ -252,6 +252,7 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
         if cfg.samoe.samoe_pool_sharding == "sharded" and groups.edp_size > 1:
             shard = PoolShard(groups.expert_dp_group, groups.edp_size, groups.edp_rank)
         pool = ExpertPool.from_transformer_config(tcfg, cfg.samoe.samoe_pool_size, shard=shard)
+        pool.prefetch_gathers = cfg.samoe.samoe_prefetch_gather
         pool_ref = PoolRef(pool)
     gpt = GPTModel(
         config=tcfg,

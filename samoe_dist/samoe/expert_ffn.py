@@ -33,8 +33,8 @@ import torch
 
 from samoe_dist.cpu_compat import expert_gelu, without_onednn
 from samoe_dist.samoe.grouped_gemm import GroupLayout, grouped_matmul, grouped_weight_grad
-from samoe_dist.samoe.pool import (PoolGradSink, PoolShard, gather_columns, gather_columns_many,
-                                   reduce_scatter_columns_many)
+from samoe_dist.samoe.pool import (PoolGradSink, PoolShard, PrefetchedGather, gather_columns, gather_columns_many,
+                                   reduce_scatter_columns_many, start_gather_columns_many)
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,9 @@ class PoolAccess:
     - ``sink``: the pool's gradient is accumulated there and none is returned to autograd;
     - ``cache``: a dict that keeps this layer's materialised weights ({index: weights}) for reuse by
       later calls (:meth:`~samoe_dist.samoe.pool.ExpertPool.step_cache`); the caller guarantees the
-      pool and ``A`` do not change while it is handed in.
+      pool and ``A`` do not change while it is handed in;
+    - ``prefetched``: sharded pool, this call's weights already being gathered
+      (:func:`start_materialize_many`); the forward takes them, the backward gathers its own.
     """
 
     rows: Optional[tuple] = None
@@ -55,6 +57,7 @@ class PoolAccess:
     shapes: Optional[tuple] = None
     sink: Optional[PoolGradSink] = None
     cache: Optional[dict] = field(default=None, compare=False)
+    prefetched: Optional[PrefetchedGather] = field(default=None, compare=False)
 
 
 _PLAIN = PoolAccess()
@@ -90,6 +93,19 @@ def materialize_many(A_nP: Optional[torch.Tensor], pools: Sequence[torch.Tensor]
     group (``indices``: each tensor's position in (w1, w2, w3))."""
     fulls = gather_columns_many([_local_flat(A_nP, w, access) for w in pools], access.shard)
     return [f.view(f.shape[0], *access.shapes[i]) for f, i in zip(fulls, indices)]
+
+
+@torch.no_grad()
+def start_materialize_many(A_nP: Optional[torch.Tensor], pools: Sequence[torch.Tensor], access: PoolAccess,
+                           indices: Sequence[int]) -> PrefetchedGather:
+    """:func:`materialize_many` started now and finished later: the local columns are materialised
+    here and their all-gather is started asynchronously; ``take()`` of the result waits for it and
+    gives ``{index: weights}``, the same values as :func:`materialize_many`."""
+    finish = start_gather_columns_many([_local_flat(A_nP, w, access) for w in pools], access.shard)
+
+    def weights() -> dict:
+        return {i: f.view(f.shape[0], *access.shapes[i]) for f, i in zip(finish(), indices)}
+    return PrefetchedGather(weights)
 
 
 def _map_weight_grad(dW_n: torch.Tensor, A_nP: Optional[torch.Tensor], w_pool: torch.Tensor, need_pool: bool,
@@ -212,13 +228,18 @@ def _materialize_now(A_nP, pools, access: PoolAccess, indices: Sequence[int]) ->
 def _call_weights(A_nP, pools, access: PoolAccess, indices: Sequence[int]) -> dict:
     """{index: weight} of the pool tensors at ``indices`` (into (w1, w2, w3)) that a layer call uses.
     With a step cache (``access.cache``): the cached weights, all of the layer's materialised (and
-    gathered) at its first call. Sharded pool: gathered now, all in one all-gather. Otherwise thunks
+    gathered) at its first call. A prefetched gather (``access.prefetched``): its weights, once.
+    Sharded pool: gathered now, all in one all-gather. Otherwise thunks
     that materialise each weight when it is taken, so one materialised weight is alive at a time."""
     if access.cache is not None:
         store = access.cache
         if any(i not in store for i in indices):  # the layer's first call of the step: every tensor it has
             store.update(_materialize_now(A_nP, pools, access, [i for i, w in enumerate(pools) if w is not None]))
         return {i: store[i] for i in indices}
+    if access.prefetched is not None:
+        got = access.prefetched.take()  # the forward's, gathered early; None in backward
+        if got is not None:
+            return {i: got[i] for i in indices}
     if access.shard is not None:
         return _materialize_now(A_nP, pools, access, indices)
     return {i: functools.partial(materialize, A_nP, pools[i], access, i) for i in indices}

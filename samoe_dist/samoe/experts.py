@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from samoe_dist.config import SaMoEConfig
 from samoe_dist.samoe.combination import (combination_weights, init_combination_logits, peak_mass,
                                           peaked_pool_index, row_entropy)
-from samoe_dist.samoe.expert_ffn import PoolAccess, materialize, materialized_expert_ffn
+from samoe_dist.samoe.expert_ffn import PoolAccess, materialize, materialized_expert_ffn, start_materialize_many
 from samoe_dist.samoe.pool import ExpertPool, PoolRef
 
 
@@ -167,14 +167,30 @@ class SaMoEExperts(MegatronModule):
                 "pool with the model (register it with attach_pool before any .to()/bf16 wrapping)"
             )
         lo, hi = self.local_expert_offset, self.local_expert_offset + self.num_local_experts
+        # --samoe-prefetch-gather: this layer's gather if the previous layer started it; starts the next's
+        prefetched = pool.layer_prefetch(id(self), self._start_gather)
         access = PoolAccess(rows=(lo, hi) if self.route_to_pool else None, shard=pool.shard,
                             shapes=pool.expert_shapes(), sink=sink,
-                            cache=None if self.route_to_pool else pool.cached_weights(id(self)))
+                            cache=None if self.route_to_pool else pool.cached_weights(id(self)),
+                            prefetched=prefetched)
         # Shared routing: the owned pool experts themselves (A = I), no materialisation.
         A_own_nP = None if self.route_to_pool else self.combination_weights()[lo:hi].to(w1.dtype)
         y_TH = materialized_expert_ffn(x_TH, probs_T, counts, A_own_nP, w1, w2, w3,
                                        self.config.activation_func, access)
         return y_TH, None
+
+    @torch.no_grad()
+    def _start_gather(self):
+        """Start the sharded all-gather of this layer's local experts for its next forward
+        (:meth:`ExpertPool.layer_prefetch`): the same weights its forward would gather."""
+        pool = self.pool
+        tensors = pool.tensors()
+        lo, hi = self.local_expert_offset, self.local_expert_offset + self.num_local_experts
+        access = PoolAccess(rows=(lo, hi) if self.route_to_pool else None, shard=pool.shard,
+                            shapes=pool.expert_shapes())
+        A_own_nP = None if self.route_to_pool else self.combination_weights()[lo:hi].to(tensors[0].dtype)
+        indices = [i for i, w in enumerate(tensors) if w is not None]
+        return start_materialize_many(A_own_nP, [tensors[i] for i in indices], access, indices)
 
     def backward_dw(self):
         """No delayed weight-gradient pass: gradients are computed in backward (MoELayer API)."""

@@ -31,6 +31,11 @@ Step cache (``--samoe-materialize-once-per-step``, DESIGN.md §6): inside :meth:
 updates the weights) each layer's materialised (sharded: gathered) experts are computed at their first
 use and reused by every later forward and backward of the step. Outside it nothing is cached, so
 evaluation, export and any use between steps always see the current weights.
+
+Prefetched gathers (``--samoe-prefetch-gather``, sharded pool, DESIGN.md §6): in a model forward each
+SaMoE layer starts the next layer's all-gather (asynchronous) before it runs its own experts, so the
+collective can run while this layer computes; the next layer waits for it instead of gathering.
+The order of the layers is the one the first forward called them in (:meth:`ExpertPool.layer_prefetch`).
 """
 
 from __future__ import annotations
@@ -114,6 +119,12 @@ class ExpertPool(torch.nn.Module):
         self.w3 = make(h, f) if gated else None  # w3_PHF
         self._live = None  # (gated views, sink) of the forward in progress
         self._step_weights: Optional[dict] = None  # {layer key: {tensor index: weights}} inside step_cache()
+        # --samoe-prefetch-gather: set by the model builder; acts only on a sharded pool
+        self.prefetch_gathers = False
+        self._order: list = []  # [(layer key, start its gather)] in the first forward's call order
+        self._order_known = False
+        self._calls = 0  # SaMoE layer calls since the model forward began
+        self._pending: Optional[PrefetchedGather] = None
         self.reset_parameters()
 
     @classmethod
@@ -182,6 +193,42 @@ class ExpertPool(torch.nn.Module):
     def begin_forward(self) -> None:
         """A new model forward starts: its layers get a fresh gate (called by the model's forward)."""
         self._live = None
+        self._calls = 0
+        self._order_known = self._order_known or bool(self._order)
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:  # never taken (the forward stopped early): let the collective end
+            self._pending.take()
+            self._pending = None
+
+    def layer_prefetch(self, key, start_gather) -> Optional["PrefetchedGather"]:
+        """Called by each SaMoE layer at the start of its forward (``--samoe-prefetch-gather``, sharded
+        pool): returns this layer's gather if the previous layer started it (else None: gather as
+        usual), and starts the next layer's. ``start_gather()`` starts the caller's own all-gather
+        and returns its :class:`PrefetchedGather`.
+
+        The first forward records the layers' order and prefetches nothing. A call past the last
+        layer of the order (a layer's forward rerun by activation recomputation in backward) neither
+        takes nor starts a gather, and neither does a call inside :meth:`step_cache` (its store
+        gathers once per step). Every rank makes the same calls in the same order, so every rank
+        starts the same collectives in the same order."""
+        if not self.prefetch_gathers or self.shard is None or self._step_weights is not None:
+            return None
+        k, self._calls = self._calls, self._calls + 1
+        if not self._order_known:
+            if all(key != known for known, _ in self._order):
+                self._order.append((key, start_gather))
+            return None
+        mine = None
+        if self._pending is not None and self._pending.key == key:
+            mine, self._pending = self._pending, None
+        self._drop_pending()
+        if k < len(self._order) - 1 and self._order[k][0] == key:
+            next_key, start_next = self._order[k + 1]
+            self._pending = start_next()
+            self._pending.key = next_key
+        return mine
 
     @contextlib.contextmanager
     def step_cache(self):
@@ -261,18 +308,47 @@ def gather_columns(local_RD: torch.Tensor, shard: PoolShard) -> torch.Tensor:
 def gather_columns_many(locals_RD: list, shard: PoolShard) -> list:
     """:func:`gather_columns` of several [R, D_i/S] slices (same R) in ONE all-gather: one
     collective per layer call instead of one per pool tensor (DESIGN.md section 6)."""
+    return start_gather_columns_many(locals_RD, shard, async_op=False)()
+
+
+def start_gather_columns_many(locals_RD: list, shard: PoolShard, async_op: bool = True):
+    """Start :func:`gather_columns_many`'s all-gather (asynchronous unless ``async_op`` is False) and
+    return a function that waits for it and gives its result. On a GPU the wait makes the current
+    stream wait for the collective's; it does not block the host."""
     all_gather, _ = _collectives()
     R = locals_RD[0].shape[0]
     widths = [t.shape[1] for t in locals_RD]
     local_RW = locals_RD[0].contiguous() if len(locals_RD) == 1 else torch.cat(locals_RD, dim=1)
     parts_SRW = torch.empty(shard.size * R, local_RW.shape[1], dtype=local_RW.dtype, device=local_RW.device)
-    all_gather(parts_SRW, local_RW, group=shard.group)
-    parts_SRW = parts_SRW.view(shard.size, R, -1)
-    out, start = [], 0
-    for width in widths:
-        out.append(parts_SRW[:, :, start:start + width].transpose(0, 1).reshape(R, shard.size * width))
-        start += width
-    return out
+    work = all_gather(parts_SRW, local_RW, group=shard.group, async_op=async_op)
+
+    def finish() -> list:
+        if work is not None:
+            work.wait()
+        del local_RW_kept[:]  # the input may be freed once the collective is over
+        full_SRW = parts_SRW.view(shard.size, R, -1)
+        out, start = [], 0
+        for width in widths:
+            out.append(full_SRW[:, :, start:start + width].transpose(0, 1).reshape(R, shard.size * width))
+            start += width
+        return out
+
+    local_RW_kept = [local_RW]  # alive until the collective is over
+    return finish
+
+
+class PrefetchedGather:
+    """A layer's weights whose all-gather was started early (:meth:`ExpertPool.layer_prefetch`):
+    :meth:`take` waits for it and returns ``{tensor index: weights}`` the first time, None after
+    (a layer's backward gathers its own)."""
+
+    def __init__(self, finish, key=None):
+        self._finish = finish
+        self.key = key
+
+    def take(self) -> Optional[dict]:
+        finish, self._finish = self._finish, None
+        return None if finish is None else finish()
 
 
 def reduce_scatter_columns_many(fulls_RD: list, shard: PoolShard) -> list:

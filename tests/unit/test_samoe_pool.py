@@ -357,3 +357,53 @@ def test_step_cache_is_scoped_and_emptied_on_exit():
             kept[1] = torch.ones(3)
             raise ValueError("a micro-batch failed")
     assert kept == {} and pool.cached_weights("layer0") is None
+
+
+def test_layer_prefetch_follows_the_first_forwards_order():
+    """--samoe-prefetch-gather's bookkeeping (ExpertPool.layer_prefetch), with gathers that record
+    what is started, taken and waited for: the first forward records the order and starts nothing;
+    then each layer takes what its predecessor started and starts its successor's; a call past the
+    order (recomputation) and a call in the step cache do neither; a gather no layer took is waited
+    for when the next forward begins; an unsharded pool or the flag off prefetches nothing."""
+    from samoe_dist.samoe.pool import PoolShard, PrefetchedGather
+
+    log = []
+
+    def starter(name):
+        def start():
+            log.append(f"start {name}")
+            return PrefetchedGather(lambda: log.append(f"wait {name}") or {0: name})
+        return start
+
+    pool = ExpertPool(2, 4, 8, shard=PoolShard(None, 2, 0), seed=1)
+    pool.prefetch_gathers = True
+    layers = ["l0", "l1", "l2"]
+
+    def forward(calls=layers):
+        pool.begin_forward()
+        return [pool.layer_prefetch(name, starter(name)) for name in calls]
+
+    assert forward() == [None, None, None] and log == []  # the order is recorded
+    got = forward()
+    assert got[0] is None and [g.take() for g in got[1:]] == [{0: "l1"}, {0: "l2"}]
+    assert log == ["start l1", "start l2", "wait l1", "wait l2"]
+    assert got[1].take() is None  # once: the layer's backward gathers its own
+    log.clear()
+    # a recomputed forward in backward: calls past the order start and take nothing
+    assert [pool.layer_prefetch(name, starter(name)) for name in reversed(layers)] == [None] * 3 and log == []
+    # a forward that stops after l0: l1's gather is waited for when the next forward begins
+    forward(["l0"])
+    assert log == ["start l1"]
+    pool.begin_forward()
+    assert log == ["start l1", "wait l1"]
+    log.clear()
+    with pool.step_cache():
+        assert forward() == [None] * 3 and log == []
+    pool.prefetch_gathers = False
+    assert forward() == [None] * 3 and log == []
+    plain = ExpertPool(2, 4, 8, seed=1)  # not sharded: nothing to gather
+    plain.prefetch_gathers = True
+    plain.begin_forward()
+    assert plain.layer_prefetch("l0", starter("l0")) is None
+    plain.begin_forward()
+    assert [plain.layer_prefetch(n, starter(n)) for n in layers] == [None] * 3 and log == []
