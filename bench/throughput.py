@@ -17,6 +17,8 @@ pool of P; the dense model's FFN is k*f wide (its FLOPs per token are the MoEs' 
   ``--samoe-materialize-once-per-step`` (each layer's experts materialised, and gathered, once per
   optimizer step and kept for every micro-batch's forward and backward); compare at
   ``--grad-accum`` above 1, where it saves more than backward's rematerialisation
+- ``samoe-sharded-prefetch``: ``samoe-sharded`` with ``--samoe-prefetch-gather`` (each layer starts
+  the next layer's all-gather before it runs its own experts); paired with ``samoe-sharded``
 - ``gmoe-cf``, ``samoe-cf``, ``samoe-sharded-cf``: ``gmoe``, ``samoe`` and ``samoe-sharded`` with megatron's capacity factor
   ``--capacity-factor``, tokens over capacity dropped and every expert's input padded to its
   capacity (``--moe-pad-expert-input-to-capacity``): DeepSpeed MoE's token policy, the same rows
@@ -26,7 +28,7 @@ pool of P; the dense model's FFN is k*f wide (its FLOPs per token are the MoEs' 
   --sequence-parallel`` on the same processes (half the data-parallel replicas, the same global
   batch), reported as a ``ratio`` record over the TP1 system.
 
-Token policies: ``moe``, ``gmoe``, ``samoe``, ``samoe-sharded`` (and the ``-once`` variants) are
+Token policies: ``moe``, ``gmoe``, ``samoe``, ``samoe-sharded`` (and the ``-once`` and ``-prefetch`` variants) are
 dropless; ``dsmoe``, ``gmoe-cf``, ``samoe-cf``, ``samoe-sharded-cf`` are capacity-bounded. Ratios are reported within a policy (``policy_ratio`` records: each
 SaMoE over each peer of its policy, and over the fastest of them in the run).
 
@@ -108,12 +110,12 @@ from samoe_dist import ports  # noqa: E402  (the repository on the path first)
 
 WORKER = os.path.join(REPO, "bench", "throughput_worker.py")
 SYSTEMS = ("dense", "moe", "gmoe", "dsmoe", "samoe", "samoe-sharded", "samoe-once", "samoe-sharded-once",
-           "gmoe-cf", "samoe-cf", "samoe-sharded-cf",
+           "samoe-sharded-prefetch", "gmoe-cf", "samoe-cf", "samoe-sharded-cf",
            "dense-tp2", "samoe-tp2")
 # "<system>-tp2": the same model and global batch with --tensor-model-parallel-size 2 --sequence-parallel
 # (half the data-parallel replicas, each split over 2 ranks): reported as a ratio to the TP1 system.
 TP2 = "-tp2"
-DROPLESS = ("moe", "gmoe", "samoe", "samoe-sharded", "samoe-once", "samoe-sharded-once")
+DROPLESS = ("moe", "gmoe", "samoe", "samoe-sharded", "samoe-once", "samoe-sharded-once", "samoe-sharded-prefetch")
 CAPACITY = ("dsmoe", "gmoe-cf", "samoe-cf", "samoe-sharded-cf")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 # shape and schedule: default mode (~10-15 min on 2 cores) and --quick (< 3 min)
@@ -223,6 +225,8 @@ def trainer_argv(a, system: str, ep: int, world: int, dtype: str) -> list[str]:
         argv += ["--samoe-pool-sharding", "sharded"]
     if system.endswith("-once"):
         argv.append("--samoe-materialize-once-per-step")
+    if system.endswith("-prefetch"):
+        argv.append("--samoe-prefetch-gather")
     if system in CAPACITY and system != "dsmoe":
         argv += ["--moe-expert-capacity-factor", a.capacity_factor]
         if a.pad_to_capacity:
@@ -458,6 +462,7 @@ def summarise_group(a, ep, edp, dtype, worlds, ready, per_round, profiles, emit,
     pairs += [("moe/no-malloc-env", "samoe/no-malloc-env"), ("samoe/no-malloc-env", "samoe"), ("moe/no-malloc-env", "moe")]
     pairs += [(n.removesuffix(TP2), n) for n in results if n.endswith(TP2)]  # TP2 over TP1, same model and batch
     pairs += [(n.removesuffix("-once"), n) for n in results if n.endswith("-once")]  # once per step over per call
+    pairs += [(n.removesuffix("-prefetch"), n) for n in results if n.endswith("-prefetch")]  # prefetched over not
     for base, other in pairs:  # tokens/s of `other` over `base`, paired per round
         if base in results and other in results:
             rec = {"type": "ratio", "ep": ep, "edp": edp, "layout": layout, "dtype": dtype, "numerator": other,
