@@ -28,16 +28,11 @@ def _probe(trainer) -> dict:
     counts = getattr(expert_ffn, "_test_gathers", None)
     if counts is None:
         counts = expert_ffn._test_gathers = {"now": 0, "early": 0}
-        real_now, real_early = expert_ffn.materialize_many, experts.start_materialize_many
 
-        def now(*a, **k):
-            counts["now"] += 1
-            return real_now(*a, **k)
-
-        def early(*a, **k):
-            counts["early"] += 1
-            return real_early(*a, **k)
-        expert_ffn.materialize_many, experts.start_materialize_many = now, early
+        def counted(fn, key):
+            return lambda *a, **k: counts.__setitem__(key, counts[key] + 1) or fn(*a, **k)
+        expert_ffn.materialize_many = counted(expert_ffn.materialize_many, "now")
+        experts.start_materialize_many = counted(experts.start_materialize_many, "early")
     seen = (counts["now"], counts["early"])
     counts["now"] = counts["early"] = 0
     return {"grad_norm": trainer.last_grad_norm, "gathers": seen}
