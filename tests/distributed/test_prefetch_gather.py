@@ -6,15 +6,18 @@ layer's would change the losses from step 2 on.
 Each rank also counts its gathers from the second step on (the first forward records the layers'
 order and prefetches nothing): in every forward the first layer gathers as usual and each later
 layer takes the gather its predecessor started; backward gathers as usual, and so does a forward
-rerun by full recompute (a call past the recorded order neither takes nor starts one).
+rerun by full recompute (a call past the recorded order neither takes nor starts one). In bf16 the
+run with the flag is the run without it, bit for bit (the same GEMMs and collective on the same values).
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.distributed.harness import run_world
-from tests.distributed.test_expert_parallel import STEPS, _args, _assert_same_run, _reference
+from tests.distributed.test_expert_parallel import (BF16_ADAM_EPS, STEPS, _args, _assert_same_run, _grad_norm,
+                                                    _reference)
 
 PREFETCH = ("--samoe-pool-sharding", "sharded", "--samoe-prefetch-gather")
 ACCUMULATE = ("--global-batch-size", "16")  # 16 / (micro-batch 2 x 4 ranks): 2 micro-batches a step
@@ -58,3 +61,16 @@ def test_prefetched_gathers_match_single_process(tmp_path, tmp_path_factory, tin
         for p in res["extra"][1:]:
             assert p["gathers"] == per_step
     _assert_same_run([{**r, "extra": [p["grad_norm"] for p in r["extra"]]} for r in runs], ref)
+
+
+def test_prefetched_gathers_are_the_same_bits_in_bf16(tmp_path, tiny_corpus):
+    args = _args(tmp_path, *tiny_corpus, "samoe", 2, 2, 1, "--samoe-pool-sharding", "sharded", "--bf16",
+                 "--adam-eps", BF16_ADAM_EPS)
+    plain = run_world(4, args, STEPS, tmp_path / "plain", probe=_grad_norm)
+    early = run_world(4, [*args, "--samoe-prefetch-gather"], STEPS, tmp_path / "early", probe=_grad_norm)
+    for a, b in zip(plain, early):
+        assert a["losses"] == b["losses"] and a["extra"] == b["extra"]
+        for step in range(STEPS):
+            assert sorted(a["params"][step]) == sorted(b["params"][step])
+            for name, value in a["params"][step].items():
+                assert torch.equal(value, b["params"][step][name]), (step, name)
