@@ -177,6 +177,12 @@ def run_preloaded(script: Path, argv: list[str], envs: list[dict], timeout: floa
     return subprocess.CompletedProcess(cmd, first_failed, out, err)
 
 
+def rank_envs(world: int, **extra: str) -> list[dict]:
+    """For run_preloaded: this process's environment with RANK and WORLD_SIZE of each of ``world``
+    ranks, plus ``extra``."""
+    return [dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), **extra) for r in range(world)]
+
+
 def run_tool(name: str, argv: list[str], timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
     """`python tools/NAME.py ARGV`, one process forked from the preloaded server (see run_preloaded)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra_env)

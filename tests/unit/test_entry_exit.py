@@ -4,13 +4,12 @@ error is one line over all ranks, rank 0's, unless only another rank has the pro
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO, error_lines, run_preloaded
+from tests.helpers import REPO, error_lines, rank_envs, run_preloaded
 
 SCRIPT = """
 import atexit, sys, threading, time
@@ -63,20 +62,16 @@ def report_script(tmp_path):
     return path
 
 
-def _rank_envs(world: int, **extra: str) -> list[dict]:
-    return [dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), **extra) for r in range(world)]
-
-
 def test_an_error_every_rank_hits_is_one_line_even_if_rank_1_gets_there_first(report_script):
     # rank 1 reaches the check, then rank 0 only 2 s later: rank 1 waits to be stopped, so rank 0's
     # line is the one printed (were rank 1 to exit at once, the launcher would stop rank 0 first)
-    run = run_preloaded(report_script, [], _rank_envs(2, FAILING="0,1", WAIT="60", RANK0_LATE="2"), timeout=120)
+    run = run_preloaded(report_script, [], rank_envs(2, FAILING="0,1", WAIT="60", RANK0_LATE="2"), timeout=120)
     assert run.returncode == 2
     assert error_lines(run.stderr) == ["pretrain_samoe.py: error: --data-path x does not exist"]
 
 
 def test_an_error_only_another_rank_hits_is_printed_by_that_rank(report_script):
-    run = run_preloaded(report_script, [], _rank_envs(3, FAILING="2", WAIT="1"), timeout=120)
+    run = run_preloaded(report_script, [], rank_envs(3, FAILING="2", WAIT="1"), timeout=120)
     assert run.returncode == 2  # ranks 0 and 1 were stopped
     assert error_lines(run.stderr) == ["pretrain_samoe.py: error (rank 2): --data-path x does not exist"]
 
@@ -88,6 +83,6 @@ def test_sigterm_stops_a_waiting_rank_even_after_training_set_its_handler(report
         "pretrain_samoe.ERROR_WAIT_S", "from samoe_dist.training import SigtermFlag; SigtermFlag()\n"
         "pretrain_samoe.ERROR_WAIT_S")
     report_script.write_text(script)
-    envs = _rank_envs(2, FAILING="0,1", WAIT="30", RANK0_LATE="2")  # rank 1 is waiting when stopped
+    envs = rank_envs(2, FAILING="0,1", WAIT="30", RANK0_LATE="2")  # rank 1 is waiting when stopped
     run = run_preloaded(report_script, [], envs, timeout=120, grace=60)
     assert run.returncode == 2 and len(error_lines(run.stderr)) == 1
