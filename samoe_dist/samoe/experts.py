@@ -166,18 +166,27 @@ class SaMoEExperts(MegatronModule):
                 f"SaMoE experts got {x_TH.dtype} tokens but the pool is {w1.dtype}: convert the "
                 "pool with the model (register it with attach_pool before any .to()/bf16 wrapping)"
             )
-        lo, hi = self.local_expert_offset, self.local_expert_offset + self.num_local_experts
         # --samoe-prefetch-gather: this layer's gather if the previous layer started it; starts the next's
         prefetched = pool.layer_prefetch(id(self), self._start_gather)
-        access = PoolAccess(rows=(lo, hi) if self.route_to_pool else None, shard=pool.shard,
-                            shapes=pool.expert_shapes(), sink=sink,
-                            cache=None if self.route_to_pool else pool.cached_weights(id(self)),
-                            prefetched=prefetched)
-        # Shared routing: the owned pool experts themselves (A = I), no materialisation.
-        A_own_nP = None if self.route_to_pool else self.combination_weights()[lo:hi].to(w1.dtype)
-        y_TH = materialized_expert_ffn(x_TH, probs_T, counts, A_own_nP, w1, w2, w3,
+        access = self._access(pool, sink=sink, prefetched=prefetched,
+                              cache=None if self.route_to_pool else pool.cached_weights(id(self)))
+        y_TH = materialized_expert_ffn(x_TH, probs_T, counts, self._own_combination(w1.dtype), w1, w2, w3,
                                        self.config.activation_func, access)
         return y_TH, None
+
+    def _access(self, pool: ExpertPool, **more) -> PoolAccess:
+        """How this layer's local experts come from the pool (``more``: sink, cache, prefetched)."""
+        lo, hi = self.local_expert_offset, self.local_expert_offset + self.num_local_experts
+        return PoolAccess(rows=(lo, hi) if self.route_to_pool else None, shard=pool.shard,
+                          shapes=pool.expert_shapes(), **more)
+
+    def _own_combination(self, dtype: torch.dtype):
+        """A_own [n, P], the combination rows of the local experts; None under shared routing (the
+        owned pool experts themselves, A = I: no materialisation)."""
+        if self.route_to_pool:
+            return None
+        lo = self.local_expert_offset
+        return self.combination_weights()[lo:lo + self.num_local_experts].to(dtype)
 
     @torch.no_grad()
     def _start_gather(self):
@@ -185,12 +194,9 @@ class SaMoEExperts(MegatronModule):
         (:meth:`ExpertPool.layer_prefetch`): the same weights its forward would gather."""
         pool = self.pool
         tensors = pool.tensors()
-        lo, hi = self.local_expert_offset, self.local_expert_offset + self.num_local_experts
-        access = PoolAccess(rows=(lo, hi) if self.route_to_pool else None, shard=pool.shard,
-                            shapes=pool.expert_shapes())
-        A_own_nP = None if self.route_to_pool else self.combination_weights()[lo:hi].to(tensors[0].dtype)
         indices = [i for i, w in enumerate(tensors) if w is not None]
-        return start_materialize_many(A_own_nP, [tensors[i] for i in indices], access, indices)
+        return start_materialize_many(self._own_combination(tensors[0].dtype), [tensors[i] for i in indices],
+                                      self._access(pool), indices)
 
     def backward_dw(self):
         """No delayed weight-gradient pass: gradients are computed in backward (MoELayer API)."""

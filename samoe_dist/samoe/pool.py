@@ -124,7 +124,7 @@ class ExpertPool(torch.nn.Module):
         self._order: list = []  # [(layer key, start its gather)] in the first forward's call order
         self._order_known = False
         self._calls = 0  # SaMoE layer calls since the model forward began
-        self._pending: Optional[PrefetchedGather] = None
+        self._pending: Optional[tuple] = None  # (layer key, PrefetchedGather) started for that layer
         self.reset_parameters()
 
     @classmethod
@@ -199,7 +199,7 @@ class ExpertPool(torch.nn.Module):
 
     def _drop_pending(self) -> None:
         if self._pending is not None:  # never taken (the forward stopped early): let the collective end
-            self._pending.take()
+            self._pending[1].take()
             self._pending = None
 
     def layer_prefetch(self, key, start_gather) -> Optional["PrefetchedGather"]:
@@ -221,13 +221,12 @@ class ExpertPool(torch.nn.Module):
                 self._order.append((key, start_gather))
             return None
         mine = None
-        if self._pending is not None and self._pending.key == key:
-            mine, self._pending = self._pending, None
+        if self._pending is not None and self._pending[0] == key:
+            mine, self._pending = self._pending[1], None
         self._drop_pending()
         if k < len(self._order) - 1 and self._order[k][0] == key:
             next_key, start_next = self._order[k + 1]
-            self._pending = start_next()
-            self._pending.key = next_key
+            self._pending = (next_key, start_next())
         return mine
 
     @contextlib.contextmanager
@@ -323,9 +322,10 @@ def start_gather_columns_many(locals_RD: list, shard: PoolShard, async_op: bool 
     work = all_gather(parts_SRW, local_RW, group=shard.group, async_op=async_op)
 
     def finish() -> list:
+        nonlocal local_RW  # kept alive until the collective is over, then let go
         if work is not None:
             work.wait()
-        del local_RW_kept[:]  # the input may be freed once the collective is over
+        local_RW = None
         full_SRW = parts_SRW.view(shard.size, R, -1)
         out, start = [], 0
         for width in widths:
@@ -333,7 +333,6 @@ def start_gather_columns_many(locals_RD: list, shard: PoolShard, async_op: bool 
             start += width
         return out
 
-    local_RW_kept = [local_RW]  # alive until the collective is over
     return finish
 
 
@@ -342,9 +341,8 @@ class PrefetchedGather:
     :meth:`take` waits for it and returns ``{tensor index: weights}`` the first time, None after
     (a layer's backward gathers its own)."""
 
-    def __init__(self, finish, key=None):
+    def __init__(self, finish):
         self._finish = finish
-        self.key = key
 
     def take(self) -> Optional[dict]:
         finish, self._finish = self._finish, None
