@@ -440,9 +440,6 @@ class RunConfig:
             _require(ep == 1 or ep % tp == 0,
                      f"--expert-model-parallel-size {ep} with --tensor-model-parallel-size {tp}: use EP 1 (every rank "
                      f"holds every expert) or a multiple of TP (each EP group spans whole TP groups)")
-            _require(not self.samoe.enabled or self.samoe.samoe_pool_sharding != "sharded",
-                     "--samoe-pool-sharding sharded with --tensor-model-parallel-size > 1 is not supported yet: use "
-                     "--samoe-pool-sharding replicated")
 
     @property
     def kind(self) -> str:

@@ -276,6 +276,8 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
     if cfg.training.recompute_granularity == "full":
         checkpoint_layers(gpt)
     model = GPTLM(gpt, pool)
+    if pool is not None and pool.shard is not None:  # before the TP marks: its slices are reduced over EP
+        mark_pool_shards(model, pool, groups)
     if groups.tp_size > 1:  # the MoE layers split the tokens over TP, with or without SP
         from samoe_dist.tensor_parallel import install_sequence_parallel_grad_sum, mark_sequence_parallel
 
@@ -285,8 +287,6 @@ def build_model(cfg: RunConfig, groups) -> GPTLM:
         from samoe_dist.ds_moe_marker import ExpertParallelMarker
 
         model.ds_moe_marker = ExpertParallelMarker(cfg.moe.num_experts, groups.ep_size)
-    if pool is not None and pool.shard is not None:
-        mark_pool_shards(model, pool, groups)
     return model
 
 
@@ -302,6 +302,10 @@ def mark_pool_shards(model: GPTLM, pool, groups) -> None:
             w.allreduce = False
             w.group_name = name
             w.samoe_pool_shards = pool.shard.size
+            if groups.tp_size > 1:
+                # A replica's TP ranks hold the same slice, and ZeRO-1/2 give each of them its own
+                # partition of it (over the EP group): DeepSpeed's norm must count it on every TP rank.
+                w.model_parallel = True
     model.ds_pool_marker = PoolShardMarker(name, pool.shard.size)
 
 

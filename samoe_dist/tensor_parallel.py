@@ -104,9 +104,18 @@ def mark_sequence_parallel(model: torch.nn.Module, ep_size: int) -> int:
     """Mark the trainer's replicated parameters whose gradient is per-token under sequence
     parallelism: the SaMoE pool and combination logits and, with EP = 1 (every rank holds every
     expert, each runs its own share of the tokens), the experts. megatron marks its norms and router
-    itself. Returns how many were marked."""
+    itself. Returns how many were marked.
+
+    A sharded pool's column slices are not marked (call this after ``mark_pool_shards``): the TP
+    ranks of a replica lie in one EP group and hold the same slice, and the slice's gradient is
+    summed over that EP group anyway (docs/DESIGN.md section 6), TP shares included; a TP sum on top
+    would count each share TP times."""
+    from samoe_dist.model import is_pool_shard
+
     n = 0
     for name, p in model.named_parameters():
+        if is_pool_shard(p):
+            continue
         mine = "samoe_pool." in name or name.endswith("combination_logits")
         if mine or (ep_size == 1 and getattr(p, "samoe_expert", False)):
             p.sequence_parallel = True

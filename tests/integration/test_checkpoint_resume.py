@@ -1,7 +1,8 @@
 """Exact resume: N steps, stop, resume to 2N equals 2N uninterrupted steps (a standard MoE at 2 processes, EP=2; the
 sharded pool at 4 processes, EP2 x EDP2, under ZeRO-0, whose optimizer state DeepSpeed would keep
 for one column slice only, and ZeRO-1; tensor parallelism at 4 processes, TP2 x EP2 with sequence
-parallelism, whose DeepSpeed files are per TP rank: SaMoE's replicated pool at EP=2 under ZeRO-1, plus TP)."""
+parallelism, whose DeepSpeed files are per TP rank: SaMoE's replicated pool at EP=2 under ZeRO-1, plus TP,
+and the sharded pool under ZeRO-2, plus TP)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ KINDS = {  # kind: (flags, processes, ZeRO stage)
     "sharded-zero0": (SHARDED, 4, 0),
     "sharded-zero1": (SHARDED, 4, 1),
     "tensor-parallel": ([*SAMOE, "--tensor-model-parallel-size", "2", "--sequence-parallel"], 4, 1),  # TP2 x EP2
+    "tensor-parallel-sharded": ([*SHARDED, "--tensor-model-parallel-size", "2", "--sequence-parallel"], 4, 2),
 }
 
 

@@ -25,15 +25,20 @@ COMMON = ["--num-experts", "4", "--micro-batch-size", "2", "--global-batch-size"
           "--lr-warmup-iters", "1"]
 # (EP size, processes) each checkpoint is loaded at: one launch per kind keeps the test near a minute
 # (a 4-process launch costs ~20 s on 2 CPU cores, a 1-process one ~8 s, a 2-process one ~12 s).
-TARGETS = {"samoe": (4, 4), "moe": (1, 1), "sharded": (1, 2), "tensor-parallel": (1, 1)}
+TARGETS = {"samoe": (4, 4), "moe": (1, 1), "sharded": (1, 2), "tensor-parallel": (1, 1),
+           "tensor-parallel-sharded": (1, 1)}
 KIND_FLAGS = {"samoe": ["--samoe-pool-size", "2"], "moe": [],
-              "sharded": ["--samoe-pool-size", "2"], "tensor-parallel": ["--samoe-pool-size", "2"]}
+              "sharded": ["--samoe-pool-size", "2"], "tensor-parallel": ["--samoe-pool-size", "2"],
+              "tensor-parallel-sharded": ["--samoe-pool-size", "2"]}
 # The sharded kind is written by 4 processes, EP2 x EDP2, with the pool's columns split over EDP, and
 # loaded at EP1 on 2 processes with the pool replicated: model.safetensors holds it whole either way.
 # The tensor-parallel kind is written by 4 processes, TP2 x EP2 with sequence parallelism (the model
-# file holds whole weights), and loaded at TP1 x EP1 on 1 process.
+# file holds whole weights), and loaded at TP1 x EP1 on 1 process; so is the tensor-parallel-sharded
+# kind, the same with the pool's columns split over EDP 2 (TP ranks of a replica share a slice).
 SOURCE = {"sharded": (4, ["--samoe-pool-sharding", "sharded"]),
-          "tensor-parallel": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])}
+          "tensor-parallel": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+          "tensor-parallel-sharded": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                          "--samoe-pool-sharding", "sharded"])}
 
 
 def convert(*argv: str) -> subprocess.CompletedProcess:

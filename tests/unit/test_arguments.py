@@ -112,8 +112,6 @@ def test_ds_config_long_form_and_conflict():
       "--max-position-embeddings", "64"], "--sequence-parallel splits --seq-length 33 over 2 ranks"),
     (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--num-experts", "4",
       "--expert-model-parallel-size", "2"], "use EP 1 (every rank holds every expert) or a multiple of TP"),
-    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--num-experts", "4", "--samoe-pool-size", "2",
-      "--samoe-pool-sharding", "sharded"], "--samoe-pool-sharding sharded with --tensor-model-parallel-size > 1"),
 ])
 def test_invalid_values_name_the_field(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
