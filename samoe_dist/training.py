@@ -88,6 +88,12 @@ class Trainer:
             mpu=deepspeed_mpu(self.groups),  # TP > 1: megatron's tensor- and data-parallel groups
         )
         check_groups_agree(self.groups)  # again, now with DeepSpeed's data-parallel group
+        self._step_norm: Optional[torch.Tensor] = None  # ZeRO 0 fp32: this step's global gradient norm
+        if self._own_norm_applies() and tr.clip_grad > 0:
+            # DeepSpeed clips these gradients by its clip_grad_norm_, whose norm averages each rank's
+            # local norm over the data-parallel group: with expert-parallel weights or a sharded pool
+            # (different on different ranks) that is not the global norm. Clip by the global one.
+            self.engine.clip_fp32_gradients = self._clip_fp32_gradients
         collective_check.install(self.engine.device)  # SAMOE_CHECK_COLLECTIVE_DEVICES=1 (the tests set it)
         self.iteration = 0
         self.consumed_samples = 0
@@ -127,7 +133,7 @@ class Trainer:
                 self.engine.backward(loss)
                 if micro_step == self.gas - 1:
                     step_cache.close()  # the cached experts go before engine.step() changes the weights
-                    own_norm = self._reduced_grad_norm()
+                    self._step_norm = self._reduced_grad_norm()
                     if self._is_log_iteration(self.iteration + 1):
                         self._grad_flow = self._expert_grad_norms()
                 self.engine.step()
@@ -136,7 +142,7 @@ class Trainer:
         self.iteration += 1
         engine_norm = self.engine.get_global_grad_norm()
         if engine_norm is None or not math.isfinite(float(engine_norm)):
-            engine_norm = own_norm
+            engine_norm = self._step_norm
         self.last_grad_norm = float(engine_norm) if engine_norm is not None else float("nan")
         return _mean_over_world(sums, self.engine.device)
 
@@ -148,15 +154,31 @@ class Trainer:
                 part = part * self.groups.tp_size
             sums[_key(name)] = sums[_key(name)] + part if _key(name) in sums else part
 
-    def _reduced_grad_norm(self) -> Optional[float]:
-        """Global gradient norm from the reduced ``.grad`` of the parameters, where DeepSpeed keeps
-        them there (no ZeRO, fp32) and does not report the norm itself; None otherwise.
+    def _own_norm_applies(self) -> bool:
+        """No ZeRO, fp32: DeepSpeed keeps the reduced gradients in ``.grad`` and reports no norm."""
+        return (self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
+                and not self.engine.fp16_enabled())
+
+    @torch.no_grad()
+    def _clip_fp32_gradients(self) -> None:
+        """The engine's gradient clipping (no ZeRO, fp32), by the global norm: DeepSpeed's
+        coefficient ``min(1, clip / (norm + 1e-6))``, applied on the device (no host sync)."""
+        norm = self._step_norm if self._step_norm is not None else self._reduced_grad_norm()
+        coef = (self.cfg.training.clip_grad / (norm + 1e-6)).clamp(max=1.0)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+
+    def _reduced_grad_norm(self) -> Optional[torch.Tensor]:
+        """Global gradient norm (a float64 device tensor) from the reduced ``.grad`` of the
+        parameters, where DeepSpeed keeps them there (no ZeRO, fp32) and does not report the norm
+        itself; None otherwise.
 
         Dense parameters are replicas (their norm is counted once); expert-parallel parameters
         differ between the ranks of an EP group, so their squares are summed over it, and a sharded
         pool's slices differ over the expert-data-parallel group, so theirs are summed over that.
         """
-        if self.engine.zero_optimization_stage() != 0 or self.engine.bfloat16_enabled():
+        if not self._own_norm_applies():
             return None
         device = self.engine.device
         dense = torch.zeros((), dtype=torch.float64, device=device)
@@ -181,7 +203,7 @@ class Trainer:
             dist.all_reduce(expert, group=self.groups.ep_group)
         if self.groups.edp_size > 1:
             dist.all_reduce(pool, group=self.groups.expert_dp_group)
-        return float((dense + tp_sharded + expert + pool).sqrt())
+        return (dense + tp_sharded + expert + pool).sqrt()
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> float:

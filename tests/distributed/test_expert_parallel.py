@@ -110,6 +110,40 @@ def test_shared_routing_matches_single_process(tmp_path, tmp_path_factory, tiny_
     _assert_same_run(runs, ref)
 
 
+# Far below these runs' gradient norms (about 1.1-1.3 in the first steps), so every step is clipped.
+CLIP = "0.3"
+
+
+def _clipped(args):
+    args = list(args)
+    args[args.index("--clip-grad") + 1] = CLIP
+    return args
+
+
+@pytest.mark.parametrize("kind, world, ep, zero, extra", [
+    ("moe", 2, 2, 0, ()),  # experts differ over EP
+    ("samoe", 4, 2, 0, ("--samoe-pool-sharding", "sharded")),  # pool slices differ over EDP
+    ("samoe", 4, 2, 2, ("--samoe-pool-sharding", "sharded")),
+    ("samoe", 4, 2, 1, ("--samoe-pool-sharding", "sharded", "--tensor-model-parallel-size", "2",
+                        "--sequence-parallel")),  # TP2 x EP2: a replica's TP ranks share a slice
+])
+def test_gradient_clipping_uses_the_global_norm(tmp_path, tmp_path_factory, tiny_corpus, kind, world, ep, zero, extra):
+    """--clip-grad clips by the norm of the whole model's gradient, wherever its parts live. Without
+    ZeRO, DeepSpeed's own fp32 clipping averages each rank's local norm over the data-parallel group
+    instead (wrong once ranks hold different experts or pool slices; the trainer clips by the global
+    norm there); with ZeRO, DeepSpeed's norm must count each pool slice once."""
+    key = ("clip", kind, zero)
+    if key not in _references:
+        tmp = tmp_path_factory.mktemp(f"ref_clip_{kind}")
+        _references[key] = run_world(1, _clipped(_args(tmp, *tiny_corpus, kind, 2, 1, zero)), STEPS, tmp / "out",
+                                     probe=_grad_norm)
+    ref = _references[key]
+    assert all(norm > float(CLIP) for norm in ref[0]["extra"])  # the reference did clip
+    runs = run_world(world, _clipped(_args(tmp_path, *tiny_corpus, kind, 2, ep, zero, *extra)), STEPS,
+                     tmp_path / "out", probe=_grad_norm)
+    _assert_same_run(runs, ref)
+
+
 def test_accumulation_and_activation_checkpointing_keep_the_pool_gradient(tmp_path, tmp_path_factory, tiny_corpus):
     """Gradient accumulation 2 (world 2: 8 / (2 x 2)) with every layer recomputed in backward under
     ZeRO-2: the pool is used by both layers, in both micro-batches, and in the recomputation; its
