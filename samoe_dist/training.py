@@ -88,12 +88,14 @@ class Trainer:
             mpu=deepspeed_mpu(self.groups),  # TP > 1: megatron's tensor- and data-parallel groups
         )
         check_groups_agree(self.groups)  # again, now with DeepSpeed's data-parallel group
-        self._step_norm: Optional[torch.Tensor] = None  # ZeRO 0 fp32: this step's global gradient norm
-        if self._own_norm_applies() and tr.clip_grad > 0:
-            # DeepSpeed clips these gradients by its clip_grad_norm_, whose norm averages each rank's
-            # local norm over the data-parallel group: with expert-parallel weights or a sharded pool
-            # (different on different ranks) that is not the global norm. Clip by the global one.
-            self.engine.clip_fp32_gradients = self._clip_fp32_gradients
+        self._step_norm: Optional[torch.Tensor] = None  # no ZeRO: this step's global gradient norm
+        if self._own_norm_applies():
+            # DeepSpeed's own norm here is not the global one (docs/DESIGN.md section 4, "Gradient
+            # norm and clipping"): clip (and report) by the global norm instead.
+            if self.engine.bfloat16_enabled():
+                self._clip_by_own_norm_in(self.engine.optimizer)
+            elif tr.clip_grad > 0:
+                self.engine.clip_fp32_gradients = self._clip_fp32_gradients
         collective_check.install(self.engine.device)  # SAMOE_CHECK_COLLECTIVE_DEVICES=1 (the tests set it)
         self.iteration = 0
         self.consumed_samples = 0
@@ -155,9 +157,29 @@ class Trainer:
             sums[_key(name)] = sums[_key(name)] + part if _key(name) in sums else part
 
     def _own_norm_applies(self) -> bool:
-        """No ZeRO, fp32: DeepSpeed keeps the reduced gradients in ``.grad`` and reports no norm."""
-        return (self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled()
-                and not self.engine.fp16_enabled())
+        """No ZeRO: DeepSpeed keeps the reduced gradients in ``.grad``, and its norm is not the
+        global one. In fp32 the engine reports none and clips by ``clip_grad_norm_``, which averages
+        each rank's local norm over the data-parallel group (wrong once ranks hold different experts
+        or pool slices). In bf16 its unfused optimizer (any optimizer but FusedAdam, so every one on
+        the CPU) reads the tensor-parallel marks on gradient tensors, which carry none, and leaves
+        expert gradients out: under TP it counts only TP rank 0's shards, and no expert at all."""
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        if self.engine.zero_optimization_stage() != 0 or self.engine.fp16_enabled():
+            return False
+        return not self.engine.bfloat16_enabled() or isinstance(self.engine.optimizer, FP16_UnfusedOptimizer)
+
+    def _clip_by_own_norm_in(self, optimizer) -> None:
+        """Make DeepSpeed's unfused bf16 optimizer clip by, and report, the global norm computed
+        before its step (bf16 has no loss scale, so the norm is that of the gradients it clips)."""
+        own_clip = optimizer.unscale_and_clip_grads
+
+        def unscale_and_clip_grads(total_norm, apply_scale=True):
+            norm = float(self._step_norm)  # that optimizer works on host floats (its norm is .item()'d)
+            optimizer._global_grad_norm = norm
+            return own_clip(norm, apply_scale)
+
+        optimizer.unscale_and_clip_grads = unscale_and_clip_grads
 
     @torch.no_grad()
     def _clip_fp32_gradients(self) -> None:
@@ -171,8 +193,7 @@ class Trainer:
 
     def _reduced_grad_norm(self) -> Optional[torch.Tensor]:
         """Global gradient norm (a float64 device tensor) from the reduced ``.grad`` of the
-        parameters, where DeepSpeed keeps them there (no ZeRO, fp32) and does not report the norm
-        itself; None otherwise.
+        parameters where :meth:`_own_norm_applies` (no ZeRO); None otherwise.
 
         Dense parameters are replicas (their norm is counted once); expert-parallel parameters
         differ between the ranks of an EP group, so their squares are summed over it, and a sharded

@@ -177,11 +177,14 @@ BF16_ROUNDINGS = 13
 BF16_ADAM_EPS = "1e-2"
 
 
-def test_bf16_expert_parallel_tracks_single_process(tmp_path, tmp_path_factory, tiny_corpus):
+@pytest.mark.parametrize("kind, zero", [("samoe", 1), ("moe", 0)])
+def test_bf16_expert_parallel_tracks_single_process(tmp_path, tmp_path_factory, tiny_corpus, kind, zero):
     """bf16 under ZeRO-1 with EP=2: DeepSpeed keeps fp32 master weights; losses, gradient norms and
     weights follow the single-process bf16 ZeRO-1 run to within the bf16 rounding of the operations
     that differ (see BF16_ROUNDINGS). (DeepSpeed's bf16 path without ZeRO updates differently from
-    its ZeRO-1 bf16 path, so the reference uses the same stage.)
+    its ZeRO-1 bf16 path, so the reference uses the same stage.) Also the standard MoE without ZeRO,
+    whose norm DeepSpeed's unfused bf16 optimizer would take without the experts (the trainer gives it
+    the global one); its path rounds at a subset of SaMoE's operations (no pool), so the same bounds.
 
     Bounds, with E(m) = bf16_aggregate(BF16_ROUNDINGS, m) the relative rounding difference of m values
     (about 1.2% here): the gradient at step s carries its own rounding and the errors of the s earlier
@@ -192,8 +195,8 @@ def test_bf16_expert_parallel_tracks_single_process(tmp_path, tmp_path_factory, 
     exceeds them at the first step: the gradient norm by 4.4x (1.1x), the pool weights by 4.5x (2.9x).
     """
     extra = ("--bf16", "--adam-eps", BF16_ADAM_EPS)
-    ref = _reference(tmp_path_factory, tiny_corpus, "samoe", 2, *extra, zero=1)
-    runs = run_world(2, _args(tmp_path, *tiny_corpus, "samoe", 2, 2, 1, *extra), STEPS, tmp_path / "out",
+    ref = _reference(tmp_path_factory, tiny_corpus, kind, 2, *extra, zero=zero)
+    runs = run_world(2, _args(tmp_path, *tiny_corpus, kind, 2, 2, zero, *extra), STEPS, tmp_path / "out",
                      probe=_grad_norm)
     assert_bf16_tracks(runs, ref, BF16_ROUNDINGS)
 
