@@ -89,7 +89,8 @@ class Trainer:
         )
         check_groups_agree(self.groups)  # again, now with DeepSpeed's data-parallel group
         self._step_norm: Optional[torch.Tensor] = None  # no ZeRO: this step's global gradient norm
-        if self._own_norm_applies():
+        self._own_norm = self._own_norm_applies()
+        if self._own_norm:
             # DeepSpeed's own norm here is not the global one (docs/DESIGN.md section 4, "Gradient
             # norm and clipping"): clip (and report) by the global norm instead.
             if self.engine.bfloat16_enabled():
@@ -175,7 +176,8 @@ class Trainer:
         own_clip = optimizer.unscale_and_clip_grads
 
         def unscale_and_clip_grads(total_norm, apply_scale=True):
-            norm = float(self._step_norm)  # that optimizer works on host floats (its norm is .item()'d)
+            step_norm = self._step_norm if self._step_norm is not None else self._reduced_grad_norm()
+            norm = float(step_norm)  # that optimizer works on host floats (its own norm is .item()'d)
             optimizer._global_grad_norm = norm
             return own_clip(norm, apply_scale)
 
@@ -199,7 +201,7 @@ class Trainer:
         differ between the ranks of an EP group, so their squares are summed over it, and a sharded
         pool's slices differ over the expert-data-parallel group, so theirs are summed over that.
         """
-        if not self._own_norm_applies():
+        if not self._own_norm:
             return None
         device = self.engine.device
         dense = torch.zeros((), dtype=torch.float64, device=device)
