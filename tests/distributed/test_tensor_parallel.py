@@ -46,7 +46,7 @@ CASES = [  # (kind, TP, EP, ZeRO stage, extra flags)
     ("samoe", 2, 2, 1, ()),
     # the sharded pool: columns split over EDP 2 ({0, 2}, {1, 3}); a replica's TP ranks hold one slice
     ("samoe", 2, 2, 1, ("--sequence-parallel", "--samoe-pool-sharding", "sharded")),
-    ("samoe", 2, 2, 2, ("--samoe-pool-sharding", "sharded")),
+    ("samoe", 2, 2, 2, ("--samoe-pool-sharding", "sharded", "--samoe-prefetch-gather")),
     ("samoe", 2, 1, 0, ("--samoe-pool-sharding", "sharded")),  # EP 1: columns split over all 4 ranks
     ("samoe", 2, 1, 1, ("--sequence-parallel", "--samoe-pool-sharding", "sharded")),
 ]
