@@ -88,7 +88,9 @@ class Trainer:
             mpu=deepspeed_mpu(self.groups),  # TP > 1: megatron's tensor- and data-parallel groups
         )
         check_groups_agree(self.groups)  # again, now with DeepSpeed's data-parallel group
-        self._step_norm: Optional[torch.Tensor] = None  # no ZeRO: this step's global gradient norm
+        # No ZeRO: this step's global gradient norm, set by train_step after the last micro-batch's
+        # backward, before the engine.step() that clips by it.
+        self._step_norm: Optional[torch.Tensor] = None
         self._own_norm = self._own_norm_applies()
         if self._own_norm:
             # DeepSpeed's own norm here is not the global one (docs/DESIGN.md section 4, "Gradient
@@ -176,8 +178,7 @@ class Trainer:
         own_clip = optimizer.unscale_and_clip_grads
 
         def unscale_and_clip_grads(total_norm, apply_scale=True):
-            step_norm = self._step_norm if self._step_norm is not None else self._reduced_grad_norm()
-            norm = float(step_norm)  # that optimizer works on host floats (its own norm is .item()'d)
+            norm = float(self._step_norm)  # that optimizer works on host floats (its own norm is .item()'d)
             optimizer._global_grad_norm = norm
             return own_clip(norm, apply_scale)
 
@@ -187,8 +188,7 @@ class Trainer:
     def _clip_fp32_gradients(self) -> None:
         """The engine's gradient clipping (no ZeRO, fp32), by the global norm: DeepSpeed's
         coefficient ``min(1, clip / (norm + 1e-6))``, applied on the device (no host sync)."""
-        norm = self._step_norm if self._step_norm is not None else self._reduced_grad_norm()
-        coef = (self.cfg.training.clip_grad / (norm + 1e-6)).clamp(max=1.0)
+        coef = (self.cfg.training.clip_grad / (self._step_norm + 1e-6)).clamp(max=1.0)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
