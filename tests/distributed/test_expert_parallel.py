@@ -111,13 +111,8 @@ def test_shared_routing_matches_single_process(tmp_path, tmp_path_factory, tiny_
 
 
 # Far below these runs' gradient norms (about 1.1-1.3 in the first steps), so every step is clipped.
+# Given after _args' "--clip-grad 0": the last occurrence of a flag wins.
 CLIP = "0.3"
-
-
-def _clipped(args):
-    args = list(args)
-    args[args.index("--clip-grad") + 1] = CLIP
-    return args
 
 
 @pytest.mark.parametrize("kind, world, ep, zero, extra", [
@@ -132,14 +127,9 @@ def test_gradient_clipping_uses_the_global_norm(tmp_path, tmp_path_factory, tiny
     ZeRO, DeepSpeed's own fp32 clipping averages each rank's local norm over the data-parallel group
     instead (wrong once ranks hold different experts or pool slices; the trainer clips by the global
     norm there); with ZeRO, DeepSpeed's norm must count each pool slice once."""
-    key = ("clip", kind, zero)
-    if key not in _references:
-        tmp = tmp_path_factory.mktemp(f"ref_clip_{kind}")
-        _references[key] = run_world(1, _clipped(_args(tmp, *tiny_corpus, kind, 2, 1, zero)), STEPS, tmp / "out",
-                                     probe=_grad_norm)
-    ref = _references[key]
+    ref = _reference(tmp_path_factory, tiny_corpus, kind, 2, "--clip-grad", CLIP, zero=zero)
     assert all(norm > float(CLIP) for norm in ref[0]["extra"])  # the reference did clip
-    runs = run_world(world, _clipped(_args(tmp_path, *tiny_corpus, kind, 2, ep, zero, *extra)), STEPS,
+    runs = run_world(world, _args(tmp_path, *tiny_corpus, kind, 2, ep, zero, *extra, "--clip-grad", CLIP), STEPS,
                      tmp_path / "out", probe=_grad_norm)
     _assert_same_run(runs, ref)
 
