@@ -39,6 +39,8 @@ together and warmed up; then ``--rounds`` rounds, each running ``--steps-per-rou
 every system in turn (the order rotates each round). Step times are reported as median, min, max
 and quartiles over all timed steps; the ratios are per-round paired (``median step of moe in round
 r / median step of X in round r``), median and range over rounds, so machine-load drift cancels;
+``median_ci95`` is a distribution-free 95% confidence interval of that median (the sign test's
+order statistics; 6 rounds or more), so a target inside it is neither met nor missed by the run;
 ``best_step_ratio`` (fastest moe step / fastest X step) is the estimate least affected by other
 processes on the machine, which only ever add time.
 A ``peak`` world in the same rounds times an n x n matmul with all cores: the MFU denominator.
@@ -93,6 +95,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import queue
 import statistics
@@ -390,9 +393,33 @@ def run_group(a, ep: int, edp: int, dtype: str, with_malloc_compare: bool, log_d
                            per_rss)
 
 
+def median_ci(values: list[float], level: float = 0.95) -> tuple | None:
+    """A distribution-free confidence interval of the median of ``values`` (independent draws of one
+    distribution, e.g. per-round paired ratios): the order statistics (x_(k), x_(n+1-k)) with the
+    largest k whose coverage 1 - 2 P(Binomial(n, 1/2) < k) is at least ``level`` (the sign test's
+    interval). Returns (low, high, coverage), or None when even (min, max) covers less (n < 6 at
+    0.95)."""
+    n = len(values)
+    v = sorted(values)
+    best = None
+    below = 0.0  # P(Binomial(n, 1/2) <= k - 1)
+    for k in range(1, n // 2 + 1):
+        below += math.comb(n, k - 1) / 2 ** n
+        coverage = 1.0 - 2.0 * below
+        if coverage < level:
+            break
+        best = (v[k - 1], v[n - k], coverage)
+    return best
+
+
 def _paired(per_round, base: str, other: str) -> dict:
-    """tokens/s of ``other`` over ``base``, paired per round (median step of base / of other)."""
-    return spread([statistics.median(b) / statistics.median(o) for b, o in zip(per_round[base], per_round[other])])
+    """tokens/s of ``other`` over ``base``, paired per round (median step of base / of other): the
+    spread over rounds, each round's ratio, and a 95% confidence interval of their median
+    (:func:`median_ci`; None below 6 rounds)."""
+    ratios = [statistics.median(b) / statistics.median(o) for b, o in zip(per_round[base], per_round[other])]
+    ci = median_ci(ratios)
+    return {**spread(ratios), "rounds": ratios, "median_ci95": None if ci is None else list(ci[:2]),
+            "median_ci_coverage": None if ci is None else ci[2]}
 
 
 def _phase_medians(steps: list[dict], scale: float = 1.0) -> dict:

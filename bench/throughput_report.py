@@ -16,6 +16,15 @@ def _best_ratio(group: dict, ratio: dict) -> float:
     return res[ratio["denominator"]]["step_s"]["min"] / res[ratio["numerator"]]["step_s"]["min"]
 
 
+def _ci(t: dict) -> str:
+    """The ratio's 95% confidence interval of the median, or why there is none (records written
+    before it existed; fewer than 6 rounds)."""
+    if "median_ci95" not in t:
+        return "not recorded"
+    ci = t["median_ci95"]
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"- ({t['n']} rounds)"
+
+
 def _layout(r: dict) -> str:
     """EPxEDP of a record (records of runs before layouts had only the EP size, world = EP)."""
     return r.get("layout", f"{r['ep']}x1")
@@ -61,8 +70,9 @@ def markdown(config: dict, groups: list[dict]) -> str:
               "Dropless: megatron MoE (moe), the same-kernel MoE (gmoe). Capacity factor "
               f"{a.capacity_factor}: DeepSpeed MoE (dsmoe), the same-kernel MoE with megatron's capacity (gmoe-cf). "
               "**bold**: the fastest peer of that policy in the layout.", "",
-              "| layout | dtype | policy | SaMoE | over | tokens/s ratio median [min, max] | ratio of the best steps "
-              "| peak step alloc ratio | peak total (resting + step) ratio |", "|---|---|---|---|---|---|---|---|---|"]
+              "| layout | dtype | policy | SaMoE | over | tokens/s ratio median [min, max] | 95% CI of the median "
+              "| ratio of the best steps | peak step alloc ratio | peak total (resting + step) ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for g in groups:
         for r in g.get("policy_ratios", []):
             t = r["tokens_per_s_ratio"]
@@ -70,7 +80,8 @@ def markdown(config: dict, groups: list[dict]) -> str:
             alloc = "-" if r.get("peak_step_alloc_ratio") is None else f"{r['peak_step_alloc_ratio']:.2f}"
             total = "-" if r.get("peak_total_ratio") is None else f"{r['peak_total_ratio']:.2f}"
             lines.append(f"| {_layout(r)} | {r['dtype']} | {r['policy']} | {r['numerator']} | {peer} | "
-                         f"{t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}] | {r['best_step_ratio']:.3f} | {alloc} | {total} |")
+                         f"{t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}] | {_ci(t)} | {r['best_step_ratio']:.3f} "
+                         f"| {alloc} | {total} |")
     lines += ["", "## Headline: SaMoE / megatron MoE tokens/s (per-round paired ratios)", "",
               "| layout | dtype | glibc malloc env | median | min | max | ratio of the best steps |",
               "|---|---|---|---|---|---|---|"]

@@ -85,6 +85,8 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     (ratio,) = [r for r in by_type["ratio"] if r["headline"]]
     assert (ratio["numerator"], ratio["denominator"]) == ("samoe", "moe")
     assert ratio["tokens_per_s_ratio"]["n"] == 1 and ratio["tokens_per_s_ratio"]["median"] > 0
+    assert ratio["tokens_per_s_ratio"]["rounds"] == [ratio["tokens_per_s_ratio"]["median"]]
+    assert ratio["tokens_per_s_ratio"]["median_ci95"] is None  # one round: no interval
     assert ratio["best_step_ratio"] == results["moe"]["step_s"]["min"] / results["samoe"]["step_s"]["min"]
     assert by_type["summary"][0]["samoe_over_moe_tokens_per_s"]["1x1_fp32"] == ratio["tokens_per_s_ratio"]["median"]
     # within the dropless policy, SaMoE over each peer, the fastest one marked
@@ -264,3 +266,19 @@ def test_phase_timer_times_are_exclusive(monkeypatch):
         assert counts == {k: int(v * 16) for k, v in phases.items()}
         assert phases == {"forward": 1.0, "backward": 2.0, "grad_reduce": 0.25, "skew": 0.0625, "optimizer": 0.5,
                           "other": 0.125}
+
+
+def test_median_ci_is_the_sign_test_interval():
+    """bench/throughput.median_ci: the order statistics (x_(k), x_(n+1-k)) with the largest k whose
+    coverage 1 - 2 P(Binomial(n, 1/2) < k) reaches 95%. Coverages by hand: n = 5, (min, max):
+    1 - 2/32 = 0.9375 (too low: no interval); n = 6: 1 - 2/64; n = 12, k = 3: 1 - 2 (1 + 12 + 66)/4096
+    = 0.9614 (k = 4 would be 1 - 2 (79 + 220)/4096 = 0.854)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import throughput
+
+    assert throughput.median_ci([1.0, 2, 3, 4, 5]) is None
+    assert throughput.median_ci([6.0, 1, 5, 2, 4, 3]) == (1, 6, 1 - 2 / 64)
+    values = [0.5 + 0.1 * i for i in (7, 2, 11, 0, 5, 9, 1, 4, 10, 3, 8, 6)]  # 0.5 .. 1.6, shuffled
+    low, high, coverage = throughput.median_ci(values)
+    assert (low, high) == (sorted(values)[2], sorted(values)[9]) and abs(coverage - (1 - 158 / 4096)) < 1e-12
+    assert throughput.median_ci(values, level=0.8)[:2] == (sorted(values)[3], sorted(values)[8])
