@@ -78,7 +78,8 @@ Output: JSON lines on stdout (and ``--output``): ``config``; per (EP, dtype) ``p
 ``result`` per system, ``ratio`` records (every system over moe; ``headline`` marks samoe/moe);
 ``summary``; a ``-once`` system is also paired with its per-call twin (``ratio``). ``--markdown``
 writes the report (bench/throughput_report.py), which ``--report-from`` re-renders from an earlier
-run's JSON lines.
+run's JSON lines; a file of several runs appended one after another renders each run's report in
+turn.
 
 glibc: every world gets ``MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4294967296`` (large
 buffers, SaMoE's one [T*k, f] buffer per layer in particular, are otherwise mmap'ed and page-faulted
@@ -105,7 +106,7 @@ import tempfile
 import threading
 import time
 
-from throughput_report import load_run, markdown
+from throughput_report import markdown, report as records_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -163,7 +164,7 @@ def parse_args(argv=None):
     p.add_argument("--output", help="also write the JSON lines here")
     p.add_argument("--markdown", help="write a Markdown report here")
     p.add_argument("--report-from", metavar="JSONL", help="only re-render the Markdown (--markdown) from the "
-                   "JSON lines of an earlier run")
+                   "JSON lines of earlier runs (one report per run in the file)")
     a = p.parse_args(argv)
     preset = PRESETS["quick" if a.quick else "default"]
     for name, value in preset.items():
@@ -529,8 +530,10 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if a.report_from:
-        config, groups = load_run(a.report_from)
-        report = markdown(config, groups)
+        try:
+            report = records_report(a.report_from)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"throughput.py: --report-from: {exc}")
         if a.markdown:
             with open(a.markdown, "w") as f:
                 f.write(report)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import types
+from typing import Optional
 
 from step_breakdown import CATEGORIES
 
@@ -30,14 +31,21 @@ def _layout(r: dict) -> str:
     return r.get("layout", f"{r['ep']}x1")
 
 
+def _pct(fraction) -> str:
+    """A breakdown share in %; "-" for a category the run did not record (records older than it)."""
+    return "-" if fraction is None else f"{100 * fraction:.1f}"
+
+
 def _mib(x) -> str:
     return "-" if x is None else f"{x / 2 ** 20:.0f}"
 
 
-def markdown(config: dict, groups: list[dict]) -> str:
-    """The Markdown report of one run (its config record and per-(EP, dtype) groups)."""
+def markdown(config: dict, groups: list[dict], run: Optional[tuple] = None) -> str:
+    """The Markdown report of one run (its config record and per-(EP, dtype) groups); ``run``
+    (k, n): the run's place among the n runs of one records file, added to the title."""
     a = types.SimpleNamespace(**config)
-    lines = ["# Training-step throughput: dense, megatron MoE, same-kernel MoE, DeepSpeed MoE, SaMoE", "",
+    title = "# Training-step throughput: dense, megatron MoE, same-kernel MoE, DeepSpeed MoE, SaMoE"
+    lines = [title + (f" (run {run[0]} of {run[1]})" if run else ""), "",
              f"Shape: L={a.num_layers} h={a.hidden_size} heads={a.num_attention_heads} f={a.ffn_hidden_size} "
              f"N={a.num_experts} k={a.moe_router_topk} P={a.samoe_pool_size} (SaMoE) seq={a.seq_length} "
              f"micro-batch={a.micro_batch_size} per rank, vocab={a.vocab_size}; dense f={a.moe_router_topk * a.ffn_hidden_size}; "
@@ -138,7 +146,7 @@ def markdown(config: dict, groups: list[dict]) -> str:
         for name, r in g["results"].items():
             if "breakdown" in r and "/" not in name:
                 lines.append(f"| {_layout(r)} | {r['dtype']} | {name} | " +
-                             " | ".join(f"{100 * r['breakdown'][c]:.1f}" for c in cats) + " |")
+                             " | ".join(_pct(r["breakdown"].get(c)) for c in cats) + " |")
     lines += ["", "## Expert-path time per step, ms (median of the profiled steps, rank 0; fwd / bwd)", ""]
     for g in groups:
         rs = {n: r for n, r in g["results"].items() if "/" not in n and "breakdown_ms" in r and n != "dense"}
@@ -161,17 +169,32 @@ def markdown(config: dict, groups: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_run(path: str) -> tuple[dict, list[dict]]:
-    """(config, groups) of an earlier run from its JSON lines, for :func:`markdown`."""
+def load_runs(path: str) -> list[tuple[dict, list[dict]]]:
+    """[(config, groups)] of every run in a JSON-lines file, for :func:`markdown`. A file may hold
+    several runs appended one after another; each begins with its config record, and its records
+    (results, ratios, its summary) stay with it, so no run's rows replace another's."""
+    records = []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.startswith("{")]
-    config = next(r for r in records if r["type"] == "config")
-    summary = next((r for r in records if r["type"] == "summary"), {})
-    config.setdefault("loadavg_end", summary.get("loadavg_end", "?"))
-    config.setdefault("matmul_reps", 3)
-    groups: dict[tuple, dict] = {}
+        for number, line in enumerate(f, 1):
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path} line {number} is not a JSON record ({exc}): a run cut short? "
+                                     "Remove the line or rerun") from None
+    if not records or records[0]["type"] != "config":
+        raise ValueError(f"{path}: no throughput run (its first record must be a run's config record)")
+    runs: list[tuple[dict, dict]] = []
     for r in records:
-        if r["type"] in ("peak", "result", "ratio", "policy_ratio"):
+        if r["type"] == "config":
+            config = dict(r)
+            config.setdefault("matmul_reps", 3)
+            runs.append((config, {}))
+            continue
+        config, groups = runs[-1]
+        if r["type"] == "summary":
+            config.setdefault("loadavg_end", r.get("loadavg_end", "?"))
+        elif r["type"] in ("peak", "result", "ratio", "policy_ratio"):
             g = groups.setdefault((_layout(r), r["dtype"]),
                                   {"results": {}, "ratios": [], "policy_ratios": [], "peak": None})
             if r["type"] == "peak":
@@ -182,4 +205,15 @@ def load_run(path: str) -> tuple[dict, list[dict]]:
                 g["ratios"].append(r)
             else:
                 g["policy_ratios"].append(r)
-    return config, list(groups.values())
+    for config, _ in runs:
+        config.setdefault("loadavg_end", "?")
+    return [(config, list(groups.values())) for config, groups in runs]
+
+
+def report(path: str) -> str:
+    """The Markdown of every run in ``path``: one run's report as :func:`markdown` writes it; with
+    several runs, each run's report in file order, titled with its place."""
+    runs = load_runs(path)
+    if len(runs) == 1:
+        return markdown(*runs[0])
+    return "\n".join(markdown(config, groups, run=(k, len(runs))) for k, (config, groups) in enumerate(runs, 1))

@@ -110,6 +110,28 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     assert rerendered.returncode == 0, rerendered.stderr[-3000:]
     assert rerendered.stdout == report
 
+    # Runs appended to one file render one after another, each with its own rows: a second run
+    # whose samoe (a copy of this one, its tokens/s changed) must not replace the first's row.
+    first_row = f"| 1x1 | fp32 | samoe | {results['samoe']['tokens_per_s']['median']:.0f} |"
+    second = [dict(r, tokens_per_s=dict(r["tokens_per_s"], median=12345.0))
+              if r["type"] == "result" and r["name"] == "samoe" else r for r in records]
+    two = tmp_path / "two_runs.jsonl"
+    two.write_text(out.read_text() + "".join(json.dumps(r) + "\n" for r in second))
+    both = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(two)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert both.returncode == 0, both.stderr[-3000:]
+    title = "# Training-step throughput: dense, megatron MoE, same-kernel MoE, DeepSpeed MoE, SaMoE"
+    assert both.stdout.count(title) == 2 and f"{title} (run 1 of 2)" in both.stdout
+    run1, run2 = both.stdout.split(f"{title} (run 2 of 2)")
+    assert first_row in run1 and "| 1x1 | fp32 | samoe | 12345 |" in run2 and first_row not in run2
+    # a records file cut short mid-line: one line naming the file, the line and the fix
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(out.read_text()[:-20])
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(cut)],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert f"{cut} line {len(records)} is not a JSON record" in bad.stderr
+
 
 def grouped_vs_megatron(groups) -> dict:
     """One forward/backward of the same-kernel peer and of megatron's MoE from the same seed."""
