@@ -534,6 +534,9 @@ def main(argv=None) -> None:
             report = records_report(a.report_from)
         except (OSError, ValueError) as exc:
             sys.exit(f"throughput.py: --report-from: {exc}")
+        except KeyError as exc:
+            sys.exit(f"throughput.py: --report-from: {a.report_from}: a record lacks the field {exc}: not a "
+                     "records file of this bench (its --output)?")
         if a.markdown:
             with open(a.markdown, "w") as f:
                 f.write(report)

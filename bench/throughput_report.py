@@ -178,10 +178,14 @@ def load_runs(path: str) -> list[tuple[dict, list[dict]]]:
         for number, line in enumerate(f, 1):
             if line.startswith("{"):
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path} line {number} is not a JSON record ({exc}): a run cut short? "
                                      "Remove the line or rerun") from None
+                if not isinstance(record, dict) or "type" not in record:
+                    raise ValueError(f"{path} line {number} has no record type: not a records file of "
+                                     "bench/throughput.py (its --output)")
+                records.append(record)
     if not records or records[0]["type"] != "config":
         raise ValueError(f"{path}: no throughput run (its first record must be a run's config record)")
     runs: list[tuple[dict, dict]] = []

@@ -131,6 +131,12 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert f"{cut} line {len(records)} is not a JSON record" in bad.stderr
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(out.read_text() + '{"loss": 1.0}\n')
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(foreign)],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert f"{foreign} line {len(records) + 1} has no record type" in bad.stderr
 
 
 def grouped_vs_megatron(groups) -> dict:
