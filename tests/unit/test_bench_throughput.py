@@ -18,6 +18,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _report_from(records_path: Path) -> subprocess.CompletedProcess:
+    """``bench/throughput.py --report-from records_path``, its Markdown on stdout."""
+    return subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(records_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
 def test_quick_throughput_bench_prints_its_records(tmp_path):
     out, md = tmp_path / "out.jsonl", tmp_path / "report.md"
     cmd = [sys.executable, str(REPO / "bench" / "throughput.py"), "--quick", "--systems", "samoe,moe,gmoe",
@@ -105,8 +111,7 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     assert "SaMoE against the peers of its token policy" in report
     assert "Headline: SaMoE / megatron MoE" in report and "Step breakdown" in report
     assert "Step phases by wall clock" in report and "| skew |" in report
-    rerendered = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(out)],
-                                capture_output=True, text=True, cwd=REPO, timeout=60)
+    rerendered = _report_from(out)
     assert rerendered.returncode == 0, rerendered.stderr[-3000:]
     assert rerendered.stdout == report
 
@@ -117,8 +122,7 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
               if r["type"] == "result" and r["name"] == "samoe" else r for r in records]
     two = tmp_path / "two_runs.jsonl"
     two.write_text(out.read_text() + "".join(json.dumps(r) + "\n" for r in second))
-    both = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(two)],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    both = _report_from(two)
     assert both.returncode == 0, both.stderr[-3000:]
     title = "# Training-step throughput: dense, megatron MoE, same-kernel MoE, DeepSpeed MoE, SaMoE"
     assert both.stdout.count(title) == 2 and f"{title} (run 1 of 2)" in both.stdout
@@ -127,14 +131,12 @@ def test_quick_throughput_bench_prints_its_records(tmp_path):
     # a records file cut short mid-line: one line naming the file, the line and the fix
     cut = tmp_path / "cut.jsonl"
     cut.write_text(out.read_text()[:-20])
-    bad = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(cut)],
-                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    bad = _report_from(cut)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert f"{cut} line {len(records)} is not a JSON record" in bad.stderr
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text(out.read_text() + '{"loss": 1.0}\n')
-    bad = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--report-from", str(foreign)],
-                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    bad = _report_from(foreign)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert f"{foreign} line {len(records) + 1} has no record type" in bad.stderr
 
