@@ -33,8 +33,10 @@ the breakages it fixes:
    faulted in, which slowed EP = 2 steps by 100-200 ms on the development VMs (docs/RESULTS.md
    section 2). :func:`without_onednn` runs such an op on torch's own kernel instead (no cache; slower per
    element at a fixed shape, 2.2 against 1.2 ms for 4 M fp32 elements). SaMoE's expert FFN uses it
-   for its activation, forward and backward; :func:`patch_expert_mlps` gives megatron's
-   per-expert MLPs the same (:func:`expert_gelu`). A no-op for tensors not on the CPU.
+   for its activation, forward and backward, except where every expert is padded to its capacity
+   (one shape per layer: fp32 keeps oneDNN there, ``expert_ffn._activation_kernels``);
+   :func:`patch_expert_mlps` gives megatron's per-expert MLPs the same (:func:`expert_gelu`).
+   A no-op for tensors not on the CPU.
    In bf16/fp16 oneDNN also runs the matmuls, with one cached kernel per row count: SaMoE's grouped
    GEMM pads each expert's rows to a multiple (``grouped_gemm.PAD_ROWS``), and
    :func:`patch_expert_mlps` pads the rows of each of megatron's expert MLPs the same way,

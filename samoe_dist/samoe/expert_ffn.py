@@ -25,6 +25,7 @@ model's :class:`~samoe_dist.samoe.pool.PoolGradSink` instead of back through aut
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -139,12 +140,22 @@ def _map_weight_grad(dW_n: torch.Tensor, A_nP: Optional[torch.Tensor], w_pool: t
     return d_pool, d_A
 
 
-def _activation(activation: Callable, z1_TF: torch.Tensor) -> torch.Tensor:
-    """act(z1) as a fresh tensor the caller may modify in place (z1 is saved for backward).
-    The row count changes from call to call: on the CPU the activation and its derivative run
-    without oneDNN, which would cache a kernel and its memory per shape
-    (samoe_dist.cpu_compat, item 10)."""
-    with without_onednn(z1_TF):
+def _activation_kernels(z1_TF: torch.Tensor, counts: GroupLayout):
+    """Where the activation and its derivative run on the CPU. With ragged groups the row count
+    changes from call to call, so they run without oneDNN, which would cache a kernel and its memory
+    per shape (samoe_dist.cpu_compat, item 10). With equal groups (every expert padded to its
+    capacity) a layer's shape is the same on every call, so oneDNN's one cached kernel is kept: in
+    fp32 it is faster than torch's own (docs/RESULTS.md section 2, "The experts' activation at the
+    capacity shape"); in bf16 it was not, so bf16 stays on torch's kernel. A no-op off the CPU."""
+    if counts.uniform is not None and z1_TF.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return without_onednn(z1_TF)
+
+
+def _activation(activation: Callable, z1_TF: torch.Tensor, counts: GroupLayout) -> torch.Tensor:
+    """act(z1) as a fresh tensor the caller may modify in place (z1 is saved for backward), on the
+    kernels of :func:`_activation_kernels`."""
+    with _activation_kernels(z1_TF, counts):
         act_TF = activation(z1_TF)
     if act_TF.data_ptr() == z1_TF.data_ptr():
         act_TF = act_TF.clone()
@@ -164,11 +175,12 @@ _INPLACE_ACTIVATION_BACKWARD = {
 }
 
 
-def _activation_backward(activation: Callable, z1_TF: torch.Tensor, grad_TF: torch.Tensor) -> torch.Tensor:
-    """d act / d z1 applied to grad_TF (which it may overwrite); other activations go through
-    autograd on a recomputation."""
+def _activation_backward(activation: Callable, z1_TF: torch.Tensor, grad_TF: torch.Tensor,
+                         counts: GroupLayout) -> torch.Tensor:
+    """d act / d z1 applied to grad_TF (which it may overwrite), on the kernels of
+    :func:`_activation_kernels`; other activations go through autograd on a recomputation."""
     inplace = _INPLACE_ACTIVATION_BACKWARD.get(activation)
-    with without_onednn(z1_TF):
+    with _activation_kernels(z1_TF, counts):
         if inplace is not None and grad_TF.dtype == z1_TF.dtype and grad_TF.is_contiguous():
             return inplace(grad_TF, z1_TF)
         with torch.enable_grad():
@@ -267,7 +279,7 @@ class MaterializedExpertFFN(torch.autograd.Function):
         W = _call_weights(A_nP, (w1_PHF, w2_PFH, w3_PHF), access, (0, 2, 1) if gated else (0, 1))
         z1_TF = grouped_matmul(x_TH, _take(W, 0), counts)  # W1_nHF freed here (unless step-cached)
         z3_TF = grouped_matmul(x_TH, _take(W, 2), counts) if gated else None
-        hidden_TF = _activation(activation, z1_TF)
+        hidden_TF = _activation(activation, z1_TF, counts)
         if gated:
             hidden_TF.mul_(z3_TF)
         hidden_TF.mul_(probs_T.unsqueeze(-1))  # megatron's per_token_scale, kept in x's dtype
@@ -297,7 +309,7 @@ class MaterializedExpertFFN(torch.autograd.Function):
         dhidden_TF = grouped_matmul(dy_TH, _take(W, 1).transpose(1, 2), counts)  # W2_nFH freed here (unless step-cached)
 
         # Recompute the fc2 input; the per-token prob's gradient; fc2's weight gradient.
-        act_TF = _activation(activation, z1_TF)
+        act_TF = _activation(activation, z1_TF, counts)
         gate_TF = act_TF * z3_TF if gated else act_TF  # act(z1) [* z3], before the prob scale
         dprobs_T = None
         if need_probs:  # in the promoted dtype, as autograd of megatron's `a * prob` would
@@ -319,7 +331,7 @@ class MaterializedExpertFFN(torch.autograd.Function):
             dz3_TF = dgate_TF * act_TF
             dgate_TF.mul_(z3_TF)
         del act_TF
-        dz1_TF = _activation_backward(activation, z1_TF, dgate_TF)  # may reuse dgate's buffer
+        dz1_TF = _activation_backward(activation, z1_TF, dgate_TF, counts)  # may reuse dgate's buffer
         del dgate_TF, dhidden_TF
 
         # fc1 (and its gated half).

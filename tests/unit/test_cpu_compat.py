@@ -184,10 +184,12 @@ def test_expert_gelu_is_torch_gelu_on_its_native_kernel(dtype):
     assert torch._C._get_mkldnn_enabled()
 
 
-def test_expert_activations_create_no_onednn_primitives():
+def test_expert_activations_use_onednn_only_at_a_fixed_shape():
     """oneDNN (ONEDNN_VERBOSE=1 prints one line per primitive run) runs F.gelu of a CPU tensor
     (the control: so this check can fail), but neither expert_gelu nor SaMoE's expert FFN, forward
-    and backward, on row counts that change per call: nothing enters its per-shape cache."""
+    and backward, on row counts that change per call: nothing enters its per-shape cache. With equal
+    groups (capacity-padded experts: one shape per layer) the FFN's fp32 activation does run on
+    oneDNN, forward, recomputation and derivative, all at that one shape; its bf16 one does not."""
     code = textwrap.dedent("""
         import torch, torch.nn.functional as F
         from samoe_dist import cpu_compat
@@ -209,19 +211,32 @@ def test_expert_activations_create_no_onednn_primitives():
             probs = torch.rand(sum(counts), requires_grad=True)
             materialized_expert_ffn(x, probs, counts, A, w1, w2, None, F.gelu).square().sum().backward()
         print("PATCHED-END", flush=True)
+        for dtype in (torch.float32, torch.bfloat16):
+            for _ in range(2):  # equal groups: the same shape on both calls
+                x = torch.randn(256, H, dtype=dtype, requires_grad=True)
+                probs = torch.rand(256, dtype=dtype, requires_grad=True)
+                materialized_expert_ffn(x, probs, (128, 128), A.to(dtype), w1.to(dtype), w2.to(dtype), None,
+                                        F.gelu).float().square().sum().backward()
+            print("EQUAL-END", dtype, flush=True)
     """)
     import os
 
     env = dict(os.environ, ONEDNN_VERBOSE="1", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert "PATCHED-END" in out.stdout, out.stderr[-2000:]
-    control, patched = out.stdout.split("CONTROL-END")
+    assert "EQUAL-END torch.bfloat16" in out.stdout, out.stderr[-2000:]
+    control, rest = out.stdout.split("CONTROL-END")
+    patched, rest = rest.split("PATCHED-END")
+    equal_fp32, equal_bf16, _ = rest.split("EQUAL-END")
 
     def gelu_runs(text):
         return [ln for ln in text.splitlines() if "primitive,exec" in ln and "eltwise_gelu" in ln]
 
     assert len(gelu_runs(control)) >= 2, control[-2000:]  # forward of each shape (and its backward)
     assert gelu_runs(patched) == [], patched[-2000:]
+    equal = gelu_runs(equal_fp32)
+    assert len(equal) == 2 * 3, equal_fp32[-2000:]  # per call: forward, backward's recomputation, derivative
+    assert {ln.split(",")[-2] for ln in equal} == {"256x64"}, equal  # one shape: one cached kernel
+    assert gelu_runs(equal_bf16) == [], equal_bf16[-2000:]
 
 
 def test_megatron_expert_mlps_get_expert_gelu(seeded):

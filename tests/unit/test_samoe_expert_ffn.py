@@ -86,6 +86,14 @@ def test_float32_grouped_and_loop_paths_match_autograd(use_grouped, gated, monke
     _compare_to_autograd(torch.float32, gated, counts, h, f, P, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_float32_equal_groups_match_autograd(gated):
+    """Equal groups (every expert padded to its capacity): one batched GEMM per product, and in fp32
+    the activation and its derivative on oneDNN's kernel (expert_ffn._activation_kernels), against
+    float64 autograd at the tolerance of the ragged fp32 case above."""
+    _compare_to_autograd(torch.float32, gated, (6, 6, 6, 6), 16, 32, 3, rtol=1e-5, atol=1e-5)
+
+
 # bf16 against a float64 oracle on the same bf16-valued inputs: only the bf16 run rounds. The longest
 # path is the combination weights' gradient dA: dhidden = dy @ W2^T with W2 = A @ w2 (2), the prob
 # scale (1), times z3 = x @ (A @ w3) (3), through silu' at z1 = x @ (A @ w1) (3), dW1 = x^T dz1 (1),
