@@ -38,18 +38,17 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "same-kernel"
-ARMS = ("deepspeed", BASE, "same-kernel-torch-gelu", "samoe")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--ffn-hidden-size", type=int, default=1024)
     p.add_argument("--local-experts", type=int, default=4, help="n: experts on the rank (N / EP)")
     p.add_argument("--capacity", type=int, default=1024,
-                   help="C: rows per expert (bench/throughput.py's default shape at capacity factor 1.0, top-2, "
-                        "EP = 2: 2048 tokens x 2 / 8 experts, 2 of whose 4 local experts' rows come from the "
-                        "other rank)")
+                   help="C: rows per local expert (bench/throughput.py's default shape at capacity factor 1.0 and "
+                        "EP = 2: each rank routes 2048 tokens x top-2 to 8 experts, 512 rows per expert, and each "
+                        "local expert receives them from both ranks: 1024)")
     p.add_argument("--samoe-pool-size", type=int, default=16)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--rounds", type=int, default=40)

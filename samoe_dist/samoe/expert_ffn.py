@@ -146,7 +146,9 @@ def _activation_kernels(z1_TF: torch.Tensor, counts: GroupLayout):
     per shape (samoe_dist.cpu_compat, item 10). With equal groups (every expert padded to its
     capacity) a layer's shape is the same on every call, so oneDNN's one cached kernel is kept: in
     fp32 it is faster than torch's own (docs/RESULTS.md section 2, "The experts' activation at the
-    capacity shape"); in bf16 it was not, so bf16 stays on torch's kernel. A no-op off the CPU."""
+    capacity shape"); in bf16 it was not, so bf16 stays on torch's kernel. A dropless call whose
+    groups happen to be equal takes this path too: rare, and it adds one cache entry at most.
+    A no-op off the CPU."""
     if counts.uniform is not None and z1_TF.dtype == torch.float32:
         return contextlib.nullcontext()
     return without_onednn(z1_TF)
