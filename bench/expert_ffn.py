@@ -30,7 +30,6 @@ them where they are not set), as the bench's worlds do.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -140,19 +139,14 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)
     times = time_rounds(build_arms(a), a.rounds, a.warmup)
-    from throughput import cpu_info
+    from throughput import cpu_info, emit_record
 
     rec = {"type": "expert_ffn", "cpu": cpu_info(), "dtype": a.dtype, "rounds": a.rounds,
            "shape": {k: getattr(a, k) for k in ("hidden_size", "ffn_hidden_size", "local_experts", "capacity",
                                                  "samoe_pool_size")},
            "malloc_env": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
            **summarize(times), "seconds": times}
-    line = json.dumps(rec)
-    print(line)
-    if a.output:
-        with open(a.output, "w") as f:
-            f.write(line + "\n")
-    return rec
+    return emit_record(rec, a.output)
 
 
 if __name__ == "__main__":

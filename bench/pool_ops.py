@@ -27,7 +27,6 @@ effects on the surrounding work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -145,18 +144,13 @@ def main(argv=None) -> dict:
         "pool grad": tensors * ops["pool grad (L layers)"],
         "pool sync": sync,
     }
-    from throughput import cpu_info
+    from throughput import cpu_info, emit_record
 
     rec = {"type": "pool_ops", "cpu": cpu_info(), "shape": {k: getattr(a, k) for k in (
                "num_layers", "hidden_size", "ffn_hidden_size", "num_experts", "samoe_pool_size", "gated", "ep")},
            "dtype": a.dtype, "pool_tensors": tensors, "pool_grad_elements": numel,
            "op_ms": ops, "per_step_ms": per_step, "total_ms": sum(per_step.values())}
-    line = json.dumps(rec)
-    print(line)
-    if a.output:
-        with open(a.output, "w") as f:
-            f.write(line + "\n")
-    return rec
+    return emit_record(rec, a.output)
 
 
 if __name__ == "__main__":

@@ -206,6 +206,17 @@ def cpu_info() -> dict:
     return info
 
 
+def emit_record(rec: dict, output=None) -> dict:
+    """Print a bench's one-record result as a JSON line, and write that line to ``output`` too
+    when given (the single-record benches: pool_ops.py, expert_ffn.py)."""
+    line = json.dumps(rec)
+    print(line)
+    if output:
+        with open(output, "w") as f:
+            f.write(line + "\n")
+    return rec
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
