@@ -120,7 +120,7 @@ def time_rounds(arms: dict, rounds: int, warmup: int) -> dict:
 
 def summarize(times: dict) -> dict:
     """Median ms per arm, and each arm's time over ``same-kernel``'s, paired per round."""
-    from throughput import median_ci
+    from throughput import median_ci, spread
 
     out = {"median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}, "time_over_same_kernel": {}}
     for k, v in times.items():
@@ -128,8 +128,7 @@ def summarize(times: dict) -> dict:
             continue
         ratios = [t / b for t, b in zip(v, times[BASE])]
         ci = median_ci(ratios)
-        out["time_over_same_kernel"][k] = {"median": statistics.median(ratios), "min": min(ratios),
-                                           "max": max(ratios), "median_ci95": None if ci is None else list(ci[:2])}
+        out["time_over_same_kernel"][k] = {**spread(ratios), "median_ci95": None if ci is None else list(ci[:2])}
     return out
 
 
@@ -139,12 +138,12 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)
     times = time_rounds(build_arms(a), a.rounds, a.warmup)
-    from throughput import cpu_info, emit_record
+    from throughput import MALLOC_ENV, cpu_info, emit_record
 
     rec = {"type": "expert_ffn", "cpu": cpu_info(), "dtype": a.dtype, "rounds": a.rounds,
            "shape": {k: getattr(a, k) for k in ("hidden_size", "ffn_hidden_size", "local_experts", "capacity",
                                                  "samoe_pool_size")},
-           "malloc_env": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
+           "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
            **summarize(times), "seconds": times}
     return emit_record(rec, a.output)
 
